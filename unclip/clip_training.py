@@ -1,0 +1,115 @@
+"""Contrastive CLIP training from scratch on a folder of pairs (open_clip's model and logits).
+
+Captions repeat within a batch on small worlds (shapes, emoji styles), so every pair that shares a caption
+counts as a positive: the targets are the row-normalised same-caption matrix (soft targets). With unique
+captions this is exactly open_clip's ClipLoss.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+import open_clip
+import torch
+import torch.nn.functional as F
+
+from .checkpoint import update_model_index
+from .clip import CLIP_PRESETS, ClipConfig, ClipEncoder, WordTokenizer
+from .data.encode import encode_images
+from .eval.metrics import retrieval_accuracy, same_caption_matrix
+from .training import Hooks, TrainConfig, train
+
+
+def clip_loss_fn(model: ClipEncoder, batch: dict):
+    """Symmetric contrastive loss with soft targets for repeated captions."""
+    image, text, logit_scale = model(batch["pixels"], batch["tokens"])
+    logits_image, logits_text = open_clip.ClipLoss().get_logits(image, text, logit_scale)  # [B, B] each
+    targets = same_caption_matrix(batch["caption"], image.device).float()
+    targets = targets / targets.sum(dim=1, keepdim=True)
+    loss = (F.cross_entropy(logits_image, targets) + F.cross_entropy(logits_text, targets)) / 2
+    return loss, {"logit_scale": float(logit_scale.detach())}
+
+
+class _Tokenised(torch.utils.data.Dataset):
+    """Adds CLIP-ready pixels and token ids to each item of a pairs dataset."""
+
+    def __init__(self, dataset, clip: ClipEncoder):
+        self.dataset, self.clip = dataset, clip
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        item = self.dataset[i]
+        pixels = self.clip.preprocess(item["image"][None], device="cpu")[0]
+        tokens = self.clip.tokenize([item["caption"]], warn=False)[0]
+        return {"pixels": pixels, "tokens": tokens, "caption": item["caption"]}
+
+
+def split_heldout(n: int, fraction: float, seed: int, cap: int = 1000) -> tuple[list[int], list[int]]:
+    """Deterministic train / held-out index split."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    k = min(cap, int(n * fraction)) if n >= 10 else 0
+    return sorted(order[k:]), sorted(order[:k])
+
+
+def make_retrieval_eval(heldout, clip_ref: ClipEncoder):
+    """evaluate(ema, step) -> held-out text->image retrieval top-1 / top-5."""
+    captions = [heldout[i]["caption"] for i in range(len(heldout))]
+
+    def evaluate(ema: ClipEncoder, step: int) -> dict:
+        ema.eval()
+        image_emb = encode_images(ema, heldout, progress=False)
+        text_emb = ema.encode_text(captions)[0].cpu()
+        return {f"retrieval_{k}": v for k, v in retrieval_accuracy(text_emb, image_emb, captions).items()}
+
+    return evaluate
+
+
+def train_clip(data: str | os.PathLike, out: str | os.PathLike, train_config: TrainConfig,
+               preset: str = "tiny-32", run_dir: str | os.PathLike | None = None, resume: bool = False,
+               heldout_fraction: float = 0.05, progress: bool = True, config: ClipConfig | None = None) -> dict:
+    """Train a CLIP from scratch on a folder of pairs and export it to `out/clip`; returns final metrics."""
+    from .data.datasets import open_dataset
+
+    out = Path(out)
+    run_dir = Path(run_dir) if run_dir else out / "runs" / "clip"
+    config = config or _preset(preset)
+    dataset = open_dataset(data, config.vision.get("image_size", 32))
+    captions = list(dataset.captions)
+    vocab = _vocab(run_dir, captions, config, resume)
+    clip = ClipEncoder.from_config(config, vocab)
+    train_idx, held_idx = split_heldout(len(dataset), heldout_fraction, train_config.seed)
+    heldout = torch.utils.data.Subset(dataset, held_idx)
+    evaluate = make_retrieval_eval(heldout, clip) if held_idx else None
+    export = lambda ema, step: _export(ema, out)  # noqa: E731
+    ema = train(clip, clip_loss_fn, _Tokenised(torch.utils.data.Subset(dataset, train_idx), clip), run_dir,
+                train_config, Hooks(export=export, evaluate=evaluate), resume=resume,
+                extra_info={"clip": dataclasses.asdict(config), "data": str(data)}, progress=progress)
+    return evaluate(ema, train_config.steps) if evaluate else {}
+
+
+def _preset(name: str) -> ClipConfig:
+    if name not in CLIP_PRESETS:
+        raise ValueError(f"unknown CLIP preset {name!r} (choose from {', '.join(CLIP_PRESETS)})")
+    return dataclasses.replace(CLIP_PRESETS[name])
+
+
+def _vocab(run_dir: Path, captions: list[str], config: ClipConfig, resume: bool) -> list[str]:
+    """The word vocabulary of the training captions, kept in the run folder so a resume uses the same one."""
+    from .config import read_json, write_json
+
+    path = run_dir / "vocab.json"
+    if resume and path.is_file():
+        return read_json(path)
+    words = WordTokenizer.from_captions(captions, config.text.get("context_length", 32)).words
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_json(path, words)
+    return words
+
+
+def _export(ema: ClipEncoder, out: Path) -> None:
+    ema.save(out / "clip")
+    update_model_index(out)

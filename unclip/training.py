@@ -1,0 +1,346 @@
+"""The one training loop: accelerate (1..N processes), EMA, warm-up, clipping, checkpoints, resume, logs.
+
+Each component supplies `loss_fn(model, batch) -> loss` (or `(loss, {name: value})`); this loop owns the
+optimizer, data order, mixed precision, checkpoints and progress. Runs unchanged under `accelerate launch`.
+
+Data order is a function of (seed, samples seen): step s consumes global positions [s*G, (s+1)*G) of a
+stream of per-epoch permutations, G = batch_size * processes * grad_accum; rank r takes its slice. Random
+draws inside loss_fn are seeded from (seed, step, rank). A resumed run therefore continues exactly.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import errno
+import math
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from accelerate import Accelerator
+from safetensors.torch import load_file, save_file
+from torch.utils.data import DataLoader, Dataset, IterableDataset
+from tqdm.auto import tqdm
+
+from .checkpoint import replace_dir
+from .config import config_to_dict, write_json
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 10_000            # optimizer steps
+    batch_size: int = 64           # per process and micro-step
+    lr: float = 3e-4
+    weight_decay: float = 0.0
+    adam_betas: tuple[float, float] = (0.9, 0.99)
+    warmup_steps: int = 200        # linear learning-rate warm-up
+    lr_schedule: str = "constant"  # "constant" | "cosine" (to 10% at the last step)
+    grad_accum: int = 1            # micro-batches per optimizer step
+    grad_clip: float = 1.0         # max global grad norm; 0 disables
+    ema_decay: float = 0.999       # with warm-up: min(decay, (1 + step) / (10 + step))
+    mixed_precision: str = "no"    # "no" | "bf16" | "fp16" (accelerate's autocast)
+    cpu: bool = False              # force the CPU even where accelerate would pick a GPU
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    sample_every: int = 0          # write a sample grid every K steps (0: only at the end)
+    eval_every: int = 0            # run eval_fn every K steps (0: only at the end)
+    log_every: int = 10
+    seed: int = 0
+    num_workers: int = 0           # DataLoader worker processes
+
+
+class TrainingError(ValueError):
+    """Training cannot go on (non-finite loss, disk full); the last good checkpoint is kept."""
+
+
+# ---------------------------------------------------------------- data order
+
+
+class StepBatchSampler:
+    """Per-rank batches of indices, resumable at any step (see the module docstring)."""
+
+    def __init__(self, n: int, batch_size: int, rank: int, world: int, seed: int, start_sample: int):
+        if n < 1:
+            raise ValueError("the training data set is empty")
+        self.n, self.batch_size, self.rank, self.world, self.seed = n, batch_size, rank, world, seed
+        self.position = start_sample  # global samples consumed so far
+        self._perms: dict[int, torch.Tensor] = {}
+
+    def _index(self, position: int) -> int:
+        epoch, i = divmod(position, self.n)
+        if epoch not in self._perms:
+            self._perms = {epoch: torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch))}
+        return int(self._perms[epoch][i])
+
+    def __iter__(self):
+        while True:
+            start = self.position + self.rank * self.batch_size
+            yield [self._index(p) for p in range(start, start + self.batch_size)]
+            self.position += self.batch_size * self.world
+
+
+class SkipBad(Dataset):
+    """Wraps a dataset: an item that raises ValueError/OSError (corrupt image) becomes None and is counted."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        try:
+            return self.dataset[i]
+        except (ValueError, OSError):
+            return None
+
+
+def collate(items: list) -> dict:
+    """Stack a list of sample dicts; None items (corrupt samples) are dropped and counted in `_skipped`."""
+    good = [item for item in items if item is not None]
+    batch = torch.utils.data.default_collate(good) if good else {}
+    batch["_skipped"] = len(items) - len(good)
+    return batch
+
+
+def make_loader(dataset, config: TrainConfig, rank: int, world: int, start_sample: int, collate_fn=collate):
+    if isinstance(dataset, IterableDataset):
+        return DataLoader(dataset, batch_size=config.batch_size, num_workers=config.num_workers, collate_fn=collate_fn)
+    sampler = StepBatchSampler(len(dataset), config.batch_size, rank, world, config.seed, start_sample)
+    return DataLoader(SkipBad(dataset), batch_sampler=sampler, num_workers=config.num_workers,
+                      collate_fn=collate_fn, persistent_workers=config.num_workers > 0)
+
+
+def infinite(loader):
+    while True:
+        yield from loader
+
+
+# ---------------------------------------------------------------- EMA, learning rate, checkpoints
+
+
+@torch.no_grad()
+def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    """ema = decay * ema + (1 - decay) * model, parameter by parameter (buffers copied)."""
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.lerp_(p.detach().to(e.dtype), 1 - decay)
+    for e, b in zip(ema.buffers(), model.buffers()):
+        e.copy_(b)
+
+
+def lr_factor(step: int, config: TrainConfig) -> float:
+    warm = min(1.0, (step + 1) / max(1, config.warmup_steps))
+    if config.lr_schedule == "cosine":
+        progress = min(1.0, step / max(1, config.steps))
+        return warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+    return warm
+
+
+def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints (renamed into place) sorted by step."""
+    found = []
+    for path in (Path(run_dir) / "checkpoints").glob("step-*"):
+        match = re.fullmatch(r"step-(\d+)", path.name)
+        if match and (path / "training_state.pt").is_file():
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def save_checkpoint(run_dir: Path, step: int, model, ema, optimizer, samples_seen: int, keep: int) -> Path:
+    target = Path(run_dir) / "checkpoints" / f"step-{step:08d}"
+
+    def fill(tmp: Path) -> None:
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
+        save_file({k: v.contiguous() for k, v in ema.state_dict().items()}, str(tmp / "ema.safetensors"))
+        torch.save({"step": step, "samples_seen": samples_seen, "optimizer": optimizer.state_dict()},
+                   tmp / "training_state.pt")
+
+    try:
+        replace_dir(target, fill)
+    except OSError as error:
+        if error.errno == errno.ENOSPC:
+            raise TrainingError(f"no space left on device while writing {target}; "
+                                "the previous checkpoint is kept — free space and --resume") from None
+        raise
+    for _, old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def load_checkpoint(path: Path, model, ema, optimizer) -> tuple[int, int]:
+    """Restore weights and optimizer state; returns (step, samples_seen)."""
+    model.load_state_dict(load_file(str(path / "model.safetensors")))
+    ema.load_state_dict(load_file(str(path / "ema.safetensors")))
+    state = torch.load(path / "training_state.pt", map_location="cpu", weights_only=True)
+    optimizer.load_state_dict(state["optimizer"])
+    return int(state["step"]), int(state["samples_seen"])
+
+
+class MetricsLog:
+    """metrics.csv in tidy form: step, samples_seen, name, value (appends across resumes)."""
+
+    def __init__(self, path: Path, enabled: bool):
+        self.path, self.enabled = Path(path), enabled
+        if enabled and not self.path.exists():
+            self.path.write_text("step,samples_seen,name,value\n")
+
+    def log(self, step: int, samples_seen: int, values: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a", newline="") as f:
+            writer = csv.writer(f)
+            for name, value in values.items():
+                writer.writerow([step, samples_seen, name, f"{float(value):.6g}"])
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """Rows of a metrics.csv as dicts with typed values."""
+    with open(path, newline="") as f:
+        return [{"step": int(r["step"]), "samples_seen": int(r["samples_seen"]), "name": r["name"],
+                 "value": float(r["value"])} for r in csv.DictReader(f)]
+
+
+# ---------------------------------------------------------------- the loop
+
+
+@dataclass
+class Hooks:
+    """What a component plugs into the loop; every hook gets the EMA model (on the main process only)."""
+    export: Callable[[torch.nn.Module, int], None] | None = None        # write the model folder
+    sample: Callable[[torch.nn.Module, int], Any] | None = None         # -> PIL image (a grid)
+    evaluate: Callable[[torch.nn.Module, int], dict] | None = None      # -> {metric: value}
+
+
+def train(model: torch.nn.Module, loss_fn: Callable, dataset, run_dir: str | os.PathLike, config: TrainConfig,
+          hooks: Hooks | None = None, resume: bool = False, extra_info: dict | None = None,
+          collate_fn=collate, progress: bool = True) -> torch.nn.Module:
+    """Train `model` with `loss_fn` on `dataset`; returns the EMA model. See the module docstring."""
+    hooks = hooks or Hooks()
+    run_dir = Path(run_dir)
+    accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=config.cpu,
+                              gradient_accumulation_steps=config.grad_accum)
+    main = accelerator.is_main_process
+    checkpoints = list_checkpoints(run_dir)
+    if main:
+        _prepare_run_dir(run_dir, config, extra_info, resume, bool(checkpoints))
+    accelerator.wait_for_everyone()
+
+    ema = copy.deepcopy(model).float().requires_grad_(False).eval()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.lr, betas=config.adam_betas, weight_decay=config.weight_decay)
+    step, samples_seen = 0, 0
+    if resume and checkpoints:
+        step, samples_seen = load_checkpoint(checkpoints[-1][1], model, ema, optimizer)
+        if main:
+            tqdm.write(f"resumed from {checkpoints[-1][1]} (step {step})")
+    model, optimizer = accelerator.prepare(model, optimizer)
+    ema.to(accelerator.device)
+    world, rank = accelerator.num_processes, accelerator.process_index
+    global_batch = config.batch_size * world * config.grad_accum
+    if main and step == 0:
+        tqdm.write(f"effective batch {global_batch} ({config.batch_size} x {world} processes x "
+                   f"{config.grad_accum} accumulation), lr {config.lr:g}")
+    batches = infinite(make_loader(dataset, config, rank, world, samples_seen, collate_fn))
+    log = MetricsLog(run_dir / "metrics.csv", main)
+    bar = tqdm(total=config.steps, initial=step, disable=not (progress and main), desc=run_dir.name, unit="step")
+    skipped, timer, seen_at_timer = 0, time.perf_counter(), samples_seen
+
+    def checkpoint():
+        if main:
+            unwrapped = accelerator.unwrap_model(model)
+            save_checkpoint(run_dir, step, unwrapped, ema, optimizer, samples_seen, config.keep_checkpoints)
+            if hooks.export:
+                hooks.export(ema, step)
+        accelerator.wait_for_everyone()
+
+    try:
+        while step < config.steps:
+            torch.manual_seed(config.seed * 1_000_003 + step * 1009 + rank)
+            for group in optimizer.param_groups:
+                group["lr"] = config.lr * lr_factor(step, config)
+            logs: dict[str, float] = {}
+            for _ in range(config.grad_accum):
+                batch = next(batches)
+                skipped += int(batch.pop("_skipped", 0))
+                batch = _to_device(batch, accelerator.device)
+                with accelerator.accumulate(model), accelerator.autocast():
+                    out = loss_fn(model, batch)
+                    loss, extra = out if isinstance(out, tuple) else (out, {})
+                    _check_finite(loss, step, run_dir, accelerator)
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and config.grad_clip > 0:
+                        logs["grad_norm"] = float(accelerator.clip_grad_norm_(params, config.grad_clip))
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                logs["loss"] = logs.get("loss", 0.0) + float(loss.detach()) / config.grad_accum
+                logs.update({k: float(v) for k, v in extra.items()})
+            step += 1
+            samples_seen += global_batch
+            decay = min(config.ema_decay, (1 + step) / (10 + step))
+            update_ema(ema, accelerator.unwrap_model(model), decay)
+            bar.update(1)
+            if step % config.log_every == 0 or step == config.steps:
+                now = time.perf_counter()
+                logs["samples_per_s"] = (samples_seen - seen_at_timer) / max(now - timer, 1e-9)
+                logs["lr"] = optimizer.param_groups[0]["lr"]
+                logs["skipped_samples"] = skipped
+                timer, seen_at_timer = now, samples_seen
+                bar.set_postfix(loss=f"{logs['loss']:.4f}", per_s=f"{logs['samples_per_s']:.0f}")
+                log.log(step, samples_seen, logs)
+            if step % config.checkpoint_every == 0 or step == config.steps:
+                checkpoint()
+            if main and hooks.evaluate and _due(step, config.eval_every, config.steps):
+                log.log(step, samples_seen, hooks.evaluate(ema, step))
+            if main and hooks.sample and _due(step, config.sample_every, config.steps):
+                _write_samples(run_dir, step, hooks.sample(ema, step))
+    except KeyboardInterrupt:
+        saved = [s for s, _ in list_checkpoints(run_dir)]
+        if world == 1 and step > 0 and step not in saved:
+            tqdm.write(f"interrupted: saving step {step} so that --resume continues from here")
+            checkpoint()
+        raise
+    finally:
+        bar.close()
+    return ema
+
+
+def _due(step: int, every: int, last: int) -> bool:
+    return step == last or (every > 0 and step % every == 0)
+
+
+def _to_device(batch: dict, device) -> dict:
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def _check_finite(loss: torch.Tensor, step: int, run_dir: Path, accelerator: Accelerator) -> None:
+    bad = torch.tensor(0.0 if torch.isfinite(loss.detach()).all() else 1.0, device=loss.device)
+    if accelerator.num_processes > 1:
+        bad = accelerator.reduce(bad, reduction="sum")
+    if bad.item() > 0:
+        last = list_checkpoints(run_dir)
+        kept = f"the last good checkpoint is {last[-1][1]}" if last else "no checkpoint was written yet"
+        raise TrainingError(f"the loss became {float(loss.detach())} at step {step}; {kept} "
+                            "(lower --lr, use --grad-clip, or check the data)")
+
+
+def _prepare_run_dir(run_dir: Path, config: TrainConfig, extra_info: dict | None, resume: bool,
+                     has_checkpoints: bool) -> None:
+    if has_checkpoints and not resume:
+        raise ValueError(f"{run_dir} already holds checkpoints: pass --resume to continue, "
+                         "or choose another run folder")
+    for sub in ("checkpoints", "samples"):
+        (run_dir / sub).mkdir(parents=True, exist_ok=True)
+    write_json(run_dir / "train_config.json", {"train": config_to_dict(config), **(extra_info or {})})
+
+
+def _write_samples(run_dir: Path, step: int, image) -> None:
+    if image is None:
+        return
+    from .images import save_png
+    save_png(image, run_dir / "samples" / f"step-{step:08d}.png")
