@@ -301,10 +301,356 @@ def eval_prior_cmd(model_dir, data, out, sampler, steps, guidance, limit, batch_
 
 # ---------------------------------------------------------------- decoder / upsampler commands
 # DECODER-COMMANDS-BEGIN
+DECODER_PRESET_NAMES = ["tiny", "small", "base-64"]            # decoder.config.DECODER_PRESETS (checked by a test)
+UPSAMPLER_PRESET_NAMES = ["tiny-64", "small-64", "tiny-256"]   # decoder.config.UPSAMPLER_PRESETS (checked)
+
+
+def stage_options(fn):
+    """Options `train decoder` and `train upsampler` share (beyond train_options)."""
+    options = [
+        # Model and data
+        click.option("--model", "model_dir", type=click.Path(exists=True, file_okay=False), required=True,
+                     help="Model folder (holds clip/); the stage is exported into it (EMA weights)."),
+        click.option("--data", required=True,
+                     help="Folder of image/caption pairs, a folder of .tar shards, or a shard pattern."),
+        # Diffusion
+        click.option("--prediction", type=click.Choice(["epsilon", "v_prediction"]), default=None,
+                     help="What the network predicts [default: the preset's, epsilon]."),
+        click.option("--min-snr", type=click.FloatRange(min=0), default=None,
+                     help="Min-SNR-gamma loss weighting, 0 turns it off [default: the preset's, 5]."),
+        # Sample grids
+        click.option("--sample-every", type=click.IntRange(min=0), default=500, show_default=True,
+                     help="Steps between sample grids in RUN_DIR/samples (0: only at the end)."),
+        click.option("--sample-steps", type=click.IntRange(min=1), default=25, show_default=True,
+                     help="DDIM steps of the sample grids."),
+        click.option("--heldout", type=click.IntRange(min=0), default=8, show_default=True,
+                     help="Pairs held out for the sample grids (at most a tenth of the data)."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def _given(**fields) -> dict:
+    """The config fields whose options were given."""
+    return {name: value for name, value in fields.items() if value is not None}
+
+
+@train.command("decoder")
+@stage_options
+@click.option("--preset", type=click.Choice(DECODER_PRESET_NAMES), default="tiny", show_default=True,
+              help="Decoder UNet size (tiny, small: 32 px); D, W and L come from the CLIP.")
+@click.option("--text-drop", type=click.FloatRange(0, 1, max_open=True), default=None,
+              help="Training probability of dropping the caption for guidance [default: the preset's, 0.5].")
+@click.option("--image-drop", type=click.FloatRange(0, 1, max_open=True), default=None,
+              help="Training probability of dropping the image embedding [default: the preset's, 0.1].")
+@train_options
+@friendly_errors
+def train_decoder_cmd(model_dir, data, preset, text_drop, image_drop, prediction, min_snr, sample_every,
+                      sample_steps, heldout, resume, run_dir, quiet, **kw):
+    """Train the decoder: CLIP image embedding (+ caption tokens) -> base image.
+
+    \b
+    unclip train decoder --model models/shapes --data data/shapes/train --steps 20000 --bf16
+    unclip train decoder --model models/shapes --data data/shapes/train --preset small --text-drop 0.2
+    """
+    from decoder.config import decoder_preset
+    from decoder.training import train_decoder
+
+    config = decoder_preset(preset, **_given(text_drop_prob=text_drop, image_drop_prob=image_drop,
+                                             prediction_type=prediction, min_snr_gamma=min_snr))
+    train_decoder(model_dir, data, train_config=make_train_config(kw, sample_every=sample_every), config=config,
+                  run_dir=run_dir, resume=resume, heldout=heldout, sample_steps=sample_steps, progress=not quiet)
+    click.echo(f"wrote {model_dir}/decoder")
+
+
+@train.command("upsampler")
+@stage_options
+@click.option("--size", type=click.IntRange(min=8), default=64, show_default=True,
+              help="Output side; writes MODEL/upsampler_SIZE.")
+@click.option("--preset", type=click.Choice(UPSAMPLER_PRESET_NAMES), default=None,
+              help="Upsampler UNet [default: tiny-SIZE].")
+@click.option("--aug-max", type=click.FloatRange(0, 1), default=None,
+              help="Largest noise-augmentation level of the low-res input [default: the preset's, 0.5].")
+@click.option("--blur-prob", type=click.FloatRange(0, 1), default=None,
+              help="Probability of blurring the low-res input [default: the preset's, 0.5].")
+@train_options
+@friendly_errors
+def train_upsampler_cmd(model_dir, data, size, preset, aug_max, blur_prob, prediction, min_snr, sample_every,
+                        sample_steps, heldout, resume, run_dir, quiet, **kw):
+    """Train an upsampler (no text): low-res image -> SIZE px image, with noise conditioning augmentation.
+
+    \b
+    unclip train upsampler --model models/shapes --data data/shapes/train --size 64 --steps 5000 --bf16
+    """
+    from decoder.config import upsampler_preset
+    from decoder.training import train_upsampler
+
+    config = upsampler_preset(preset or f"tiny-{size}", **_given(aug_max=aug_max, blur_prob=blur_prob,
+                                                                 prediction_type=prediction, min_snr_gamma=min_snr))
+    train_upsampler(model_dir, data, size, train_config=make_train_config(kw, sample_every=sample_every),
+                    config=config, run_dir=run_dir, resume=resume, heldout=heldout, sample_steps=sample_steps,
+                    progress=not quiet)
+    click.echo(f"wrote {model_dir}/upsampler_{size}")
 # DECODER-COMMANDS-END
 
 # ---------------------------------------------------------------- pipeline commands
 # PIPELINE-COMMANDS-BEGIN
+def sampling_options(fn):
+    """Options of every image-making command (model, seed, per-stage samplers, steps and guidance, output)."""
+    options = [
+        # Model and device
+        click.option("--model", default=None, help="Model folder, bundled name (emoji, shapes) or hub id "
+                     "[default: the bundled emoji model]."),
+        click.option("--device", default=None, help="torch device [default: cuda when present, else cpu]."),
+        click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True,
+                     help="Autocast precision of the networks."),
+        # Randomness and count
+        click.option("-n", "--num-images", type=click.IntRange(min=1, max=1024), default=1, show_default=True,
+                     help="Images per input."),
+        click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+                     help="Image i uses seed + i, whatever the batch."),
+        # Samplers per stage
+        click.option("--sampler", type=click.Choice(["ddpm", "ddim", "dpm++", "dpm++sde", "euler", "unipc"]),
+                     default="ddim", show_default=True, help="Sampler of every stage."),
+        click.option("--steps-prior", type=click.IntRange(min=1, max=1000), default=25, show_default=True),
+        click.option("--steps-decoder", type=click.IntRange(min=1, max=1000), default=25, show_default=True),
+        click.option("--steps-upsampler", type=click.IntRange(min=1, max=1000), default=10, show_default=True),
+        click.option("--guidance-prior", type=float, default=2.0, show_default=True, help="Prior CFG scale."),
+        click.option("--guidance-decoder", type=float, default=3.0, show_default=True,
+                     help="Decoder CFG scale (image embedding and text)."),
+        click.option("--dynamic-threshold", type=click.FloatRange(0.5, 1.0, min_open=True), default=None,
+                     help="Imagen's dynamic thresholding percentile for the decoder, e.g. 0.995."),
+        # Output
+        click.option("-o", "--out", "out", type=click.Path(), default="outputs", show_default=True,
+                     help="A .png file for one image, or a folder that receives 0000.png, 0001.png, ..."),
+        click.option("--grid", is_flag=True, help="Write one contact sheet instead of separate images."),
+        click.option("--quiet", is_flag=True, help="No progress bars."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def load_pipeline(kw: dict):
+    """Pop model/device/dtype/quiet from kw and load the pipeline."""
+    import torch
+
+    from unclip import UnCLIPPipeline
+
+    device = kw.pop("device") or ("cuda" if torch.cuda.is_available() else "cpu")
+    pipe = UnCLIPPipeline.from_pretrained(kw.pop("model"))
+    pipe.to(device, kw.pop("dtype"))
+    pipe.set_progress_bar_config(disable=kw.pop("quiet"))
+    return pipe
+
+
+def pop_settings(kw: dict) -> dict:
+    """Pop the sampler options into SamplingSettings fields."""
+    import math
+
+    sampler = kw.pop("sampler")
+    settings = dict(prior_sampler=sampler, decoder_sampler=sampler, upsampler_sampler=sampler,
+                    prior_steps=kw.pop("steps_prior"), decoder_steps=kw.pop("steps_decoder"),
+                    upsampler_steps=kw.pop("steps_upsampler"), prior_guidance=kw.pop("guidance_prior"),
+                    decoder_guidance=kw.pop("guidance_decoder"), dynamic_threshold=kw.pop("dynamic_threshold"))
+    for name in ("prior_guidance", "decoder_guidance"):
+        if not math.isfinite(settings[name]):
+            raise click.BadParameter(f"must be a finite number, got {settings[name]}",
+                                     param_hint=f"--{name.replace('_', '-').replace('prior-g', 'g')}")
+    return settings
+
+
+def check_output(out: str, count: int, grid: bool, suffixes=(".png",)) -> None:
+    """Fail before sampling when the output cannot be written."""
+    from pathlib import Path
+
+    path = Path(out)
+    is_file = path.suffix.lower() in suffixes
+    if is_file and count > 1 and not grid and path.suffix.lower() == ".png":
+        raise click.BadParameter(f"{count} images do not fit in one .png: give a folder or --grid", param_hint="-o")
+    target = path.parent if is_file else path
+    if target.exists() and not target.is_dir():
+        raise click.BadParameter(f"{target} is a file, not a folder", param_hint="-o")
+    probe = target
+    while not probe.exists():
+        probe = probe.parent
+    import os
+
+    if not os.access(probe, os.W_OK):
+        raise click.BadParameter(f"cannot write to {target} (permission denied)", param_hint="-o")
+
+
+def write_images(output, out: str, grid: bool, metadata: list[dict]) -> list[str]:
+    """Save an UnCLIPOutput as one PNG, a folder of PNGs or a grid; each PNG carries its provenance."""
+    import json
+    from pathlib import Path
+
+    from unclip.images import make_grid, save_png
+
+    path = Path(out)
+    images = output.images
+    if grid:
+        target = path if path.suffix.lower() == ".png" else path / "grid.png"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        save_png(make_grid(images), target, {"unclip": json.dumps(metadata)})
+        return [str(target)]
+    if path.suffix.lower() == ".png":
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_png(images[0], path, {"unclip": json.dumps(metadata[0])})
+        return [str(path)]
+    path.mkdir(parents=True, exist_ok=True)
+    written = []
+    for i, (image, meta) in enumerate(zip(images, metadata)):
+        save_png(image, path / f"{i:04d}.png", {"unclip": json.dumps(meta)})
+        written.append(str(path / f"{i:04d}.png"))
+    return written
+
+
+def provenance(output, per_image: list[dict]) -> list[dict]:
+    info = {k: v for k, v in output.info.items() if k not in ("prompts", "seed")}
+    return [{**info, **extra} for extra in per_image]
+
+
+@main.command()
+@click.argument("prompt", required=False)
+@click.option("--negative", default=None, help="Negative prompt for the prior's unconditional branch.")
+@click.option("--prior-free", is_flag=True, help="Skip the prior: decode from the text alone (for comparison).")
+@click.option("--from-png", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Re-create an image from the settings stored in a PNG this tool wrote.")
+@sampling_options
+@friendly_errors
+def generate(prompt, negative, prior_free, from_png, out, grid, **kw):
+    """Text to image.
+
+    \b
+    unclip generate "a red apple" -o apple.png
+    unclip generate "a blue square on the left" --model shapes -n 8 --grid -o sheet.png
+    unclip generate --from-png apple.png -o again.png
+    """
+    if from_png:
+        prompt, negative, prior_free, kw = settings_from_png(from_png, kw)
+    if prompt is None or not prompt.strip():
+        raise click.UsageError("give a PROMPT (non-empty text) or --from-png FILE")
+    check_output(out, kw["num_images"], grid)
+    n, seed = kw.pop("num_images"), kw.pop("seed")
+    pipe = load_pipeline(kw)
+    if not kw.get("settings"):
+        kw["settings"] = pop_settings(kw)
+    output = pipe.generate(prompt, num_images=n, negative_prompt=negative, seed=seed, prior_free=prior_free,
+                           **kw["settings"])
+    meta = provenance(output, [{"prompt": prompt, "seed": seed + i} for i in range(n)])
+    for path in write_images(output, out, grid, meta):
+        click.echo(path)
+
+
+def settings_from_png(path: str, kw: dict):
+    """Read the provenance a PNG carries back into generate's arguments."""
+    import json
+
+    from unclip.images import read_png_metadata
+
+    raw = read_png_metadata(path).get("unclip")
+    if not raw:
+        raise click.ClickException(f"{path} carries no unclip settings (was it written by `unclip generate`?)")
+    meta = json.loads(raw)
+    if isinstance(meta, list) or meta.get("command") != "generate":
+        raise click.ClickException(f"{path} was not written by `unclip generate` for a single image")
+    kw.update(model=meta.get("model") or kw["model"], seed=int(meta["seed"]), num_images=1,
+              settings=meta["settings"])
+    return meta["prompt"], meta.get("negative_prompt"), bool(meta.get("prior_free")), kw
+
+
+@main.command()
+@click.argument("image", type=click.Path(dir_okay=False))
+@click.option("--invert", is_flag=True, help="Start from the picture's DDIM-inverted noise (keeps its layout).")
+@sampling_options
+@friendly_errors
+def vary(image, invert, out, grid, **kw):
+    """Variations of a picture from its CLIP image embedding.
+
+    \b
+    unclip vary photo.png -n 4 --grid -o variations.png
+    """
+    check_output(out, kw["num_images"], grid)
+    n, seed = kw.pop("num_images"), kw.pop("seed")
+    pipe = load_pipeline(kw)
+    output = pipe.vary(image, num_images=n, seed=seed, invert=invert, **pop_settings(kw))
+    meta = provenance(output, [{"image": image, "seed": seed + i} for i in range(n)])
+    for path in write_images(output, out, grid, meta):
+        click.echo(path)
+
+
+@main.command()
+@click.argument("a")
+@click.argument("b")
+@click.option("--frames", type=click.IntRange(min=2, max=512), default=8, show_default=True)
+@sampling_options
+@friendly_errors
+def interpolate(a, b, frames, out, grid, **kw):
+    """Morph between two prompts or pictures (slerp of image embeddings, decoder noise fixed).
+
+    -o ends in .gif for an animation, .png for a strip, or names a folder of frames.
+
+    \b
+    unclip interpolate "a red circle" "a blue square" --model shapes --frames 8 -o morph.gif
+    """
+    from pathlib import Path
+
+    from unclip.images import make_grid, save_gif
+
+    check_output(out, frames, True, suffixes=(".png", ".gif"))
+    seed = kw.pop("seed")
+    kw.pop("num_images")
+    pipe = load_pipeline(kw)
+    output = pipe.interpolate(a, b, frames=frames, seed=seed, **pop_settings(kw))
+    if Path(out).suffix.lower() == ".gif":
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        save_gif(output.images, out, duration_ms=120)
+        click.echo(out)
+        return
+    strip = Path(out).suffix.lower() == ".png"
+    meta = provenance(output, [{"frame": i, "seed": seed} for i in range(frames)])
+    if strip:
+        output.images = [make_grid(output.images, cols=frames)]
+    for path in write_images(output, out, False, meta[:1] if strip else meta):
+        click.echo(path)
+
+
+@main.command()
+@click.argument("image", type=click.Path(dir_okay=False))
+@click.option("--from", "from_text", required=True, help="What the picture shows, e.g. 'a red circle'.")
+@click.option("--to", "to_text", required=True, help="What it should show, e.g. 'a blue circle'.")
+@click.option("--amount", type=click.FloatRange(0, 1), multiple=True, default=[0.3], show_default=True,
+              help="How far to move (0 = unchanged; repeat for a sweep).")
+@click.option("--no-invert", is_flag=True, help="Use seeded noise instead of the picture's inverted noise.")
+@sampling_options
+@friendly_errors
+def edit(image, from_text, to_text, amount, no_invert, out, grid, **kw):
+    """DALL-E 2 text diffs: change a picture toward a new description.
+
+    \b
+    unclip edit circle.png --from "a red circle" --to "a blue circle" --amount 0.2 --amount 0.4 --grid -o edit.png
+    """
+    check_output(out, len(amount), grid)
+    seed = kw.pop("seed")
+    kw.pop("num_images")
+    pipe = load_pipeline(kw)
+    output = pipe.edit(image, from_text, to_text, amount=list(amount), seed=seed, invert=not no_invert,
+                       **pop_settings(kw))
+    meta = provenance(output, [{"image": image, "amount": a, "seed": seed} for a in amount])
+    for path in write_images(output, out, grid, meta):
+        click.echo(path)
+
+
+@main.command()
+@click.argument("model", required=False)
+@friendly_errors
+def info(model):
+    """Describe a model folder: components, sizes, parameters, training noise schedules."""
+    from unclip.info import describe
+
+    click.echo(describe(model))
 # PIPELINE-COMMANDS-END
 
 

@@ -144,7 +144,10 @@ class DiffusionPrior(nn.Module):
         self._check_inputs(x_t, text_emb, text_tokens, mask)
         b, dtype = x_t.shape[0], self.x_proj.weight.dtype
         cond, cond_mask = self.text_embedder(text_emb, text_tokens, mask, force_drop)  # [B, L + 1, C], [B, L + 1]
-        t = torch.as_tensor(t, device=x_t.device).reshape(-1).expand(b)             # [B]
+        t = torch.as_tensor(t, device=x_t.device).reshape(-1)
+        if t.shape[0] not in (1, b):
+            raise ValueError(f"prior input t: expected a scalar or {b} timesteps, got {t.shape[0]}")
+        t = t.expand(b)                                                               # [B]
         time = self.time_embed(self.time_proj(t).to(dtype))                           # [B] -> [B, C]
         x = self.x_proj(x_t.to(dtype))                                                # [B, D] -> [B, C]
         readout = self.readout.expand(b, -1, -1).to(dtype)                            # [B, R, C]

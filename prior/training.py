@@ -93,9 +93,7 @@ def train_prior(model_dir: str | os.PathLike, *, data=None, embeddings=None, tra
     model_dir = Path(model_dir)
     run_dir = Path(run_dir) if run_dir is not None else model_dir / "runs" / "prior"
     clip = ClipEncoder.load(model_dir / "clip").eval().requires_grad_(False)
-    if resume and _resumed_config(run_dir) is not None:
-        config = _resumed_config(run_dir)
-    config = make_prior_config(clip, preset, config)
+    config = make_prior_config(clip, preset, (_resumed_config(run_dir) if resume else None) or config)
     emb = embed_pairs(clip, data if data is not None else embeddings, progress=progress)
     train_rows, heldout_rows = split_heldout(len(emb["captions"]), heldout, train_config.seed)
     model = DiffusionPrior(config)

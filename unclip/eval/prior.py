@@ -5,13 +5,14 @@ Reported (all mean cosines on l2-normalised embeddings):
     cos_text                    the baseline: text_emb itself vs the true image_emb
     cos_pred_unrelated          sampled image_emb vs the image_emb of another sample (batch rolled by one)
                                 with a different caption: how much is caption-specific
-    cos_caption_mean            the ceiling for repeated captions: the mean true image_emb of all held-out
-                                samples sharing the caption vs each of them (the best a deterministic
-                                prior can do in expectation)
+    cos_caption_mean            a ceiling for repeated captions: each true image_emb vs the mean of the
+                                other held-out image_embs with the same caption (leave-one-out), roughly
+                                the best a prior that knows only the caption can do
 """
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -28,11 +29,17 @@ def _cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def caption_mean_ceiling(image_emb: torch.Tensor, captions: list[str]) -> float:
-    """Mean cosine of each image_emb to the mean embedding of its caption (over the same samples)."""
+    """Mean cosine of each image_emb to the mean of the *other* image embeddings with its caption.
+
+    Leave-one-out, over samples whose caption occurs at least twice (nan when none does).
+    """
     ids = {c: i for i, c in enumerate(dict.fromkeys(captions))}
     label = torch.tensor([ids[c] for c in captions])                                    # [N]
-    sums = torch.zeros(len(ids), image_emb.shape[1]).index_add_(0, label, image_emb.float().cpu())  # [U, D]
-    return float(_cos(sums[label], image_emb.cpu()).mean())
+    x = image_emb.float().cpu()
+    sums = torch.zeros(len(ids), x.shape[1]).index_add_(0, label, x)                    # [U, D]
+    counts = torch.bincount(label, minlength=len(ids))                                  # [U]
+    keep = counts[label] >= 2                                                           # [N]
+    return float(_cos(sums[label] - x, x)[keep].mean()) if keep.any() else float("nan")
 
 
 def unrelated_cosine(pred: torch.Tensor, image_emb: torch.Tensor, captions: list[str]) -> float:
@@ -76,10 +83,13 @@ def evaluate_prior(model, data, *, limit: int | None = None, scheduler: str = "d
         data: a data set of {"image", "caption", "key"} items, a folder of pairs, or an embeddings folder.
     """
     if isinstance(model, (str, os.PathLike)):
-        model = (ClipEncoder.load(os.path.join(model, "clip")).eval(), DiffusionPrior.load(os.path.join(model, "prior")))
+        model = (ClipEncoder.load(os.path.join(model, "clip")).eval(),
+                 DiffusionPrior.load(os.path.join(model, "prior")))
     clip, prior = model
     emb = embed_pairs(clip, data, limit=limit, batch_size=batch_size, progress=progress)
     metrics = prior_metrics(prior.eval(), emb, scheduler=scheduler, num_steps=num_steps,
                             guidance_scale=guidance_scale, batch_size=batch_size, seed=seed, progress=progress)
+    metrics = {k: None if math.isnan(v) else v for k, v in metrics.items()}  # JSON has no NaN
+    metrics.update(n=int(metrics["n"]), n_captions=int(metrics["n_captions"]))
     return {**metrics, "scheduler": scheduler, "num_steps": num_steps, "guidance_scale": guidance_scale,
             "seed": seed}

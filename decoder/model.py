@@ -1,0 +1,185 @@
+"""The unCLIP decoder: a diffusers UNet2DConditionModel conditioned on a CLIP image embedding and text tokens.
+
+Ramesh et al. 2022 ("DALL-E 2"), sec. 2.1: "we modify the architecture described in Nichol et al. (2021) by
+projecting and adding CLIP embeddings to the existing timestep embedding, and by projecting CLIP embeddings
+into four extra tokens of context that are concatenated to the sequence of outputs from the GLIDE text encoder."
+
+The UNet is GLIDE's (ADM with attention layers that also attend to the context tokens: diffusers'
+SimpleCrossAttn blocks, as in Karlo). The conditioning module keeps the parameter names and shapes of
+diffusers' `UnCLIPTextProjModel`, so compatible weights can be imported later.
+
+Einstein notation:
+    B  batch
+    S  image side
+    D  CLIP embedding size (image_emb)
+    L  text context (CLIP's text tokens)
+    W  CLIP text-token width
+    K  extra context tokens projected from image_emb (num_image_tokens, 4)
+    C  context-token width (cross_attention_dim)
+    T  UNet time-embedding width (4 x block_out_channels[0])
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from diffusers import UNet2DConditionModel
+
+from unclip.checkpoint import load_component, load_weights_into, save_component
+
+from .config import DecoderConfig, noise_schedule
+
+
+def drop_mask(batch: int, prob: float, force: torch.Tensor | None, training: bool, device) -> torch.Tensor:
+    """[B] bool: which samples lose a condition (DiT `LabelEmbedder.token_drop`: random in training, or forced)."""
+    if force is not None:
+        return force.to(device=device, dtype=torch.bool).reshape(batch)
+    if training and prob > 0:
+        return torch.rand(batch, device=device) < prob
+    return torch.zeros(batch, dtype=torch.bool, device=device)
+
+
+class ImageTextEmbedder(nn.Module):
+    """image_emb + text tokens -> (context tokens [B, K + L, C], their mask, time-embedding offset [B, T]).
+
+    Holds the classifier-free guidance dropout: image_emb is replaced by a learned null embedding with
+    probability image_drop_prob and the text tokens by learned null tokens with probability text_drop_prob.
+    Names and shapes follow diffusers' UnCLIPTextProjModel, except `embedding_proj`, which reads the final
+    text-token state [W] (GLIDE) instead of the projected CLIP text embedding [D]: the same shape when W == D.
+    """
+
+    def __init__(self, config: DecoderConfig, time_embed_dim: int):
+        super().__init__()
+        D, W, L, K, C = (config.embed_dim, config.text_width, config.context_length, config.num_image_tokens,
+                         config.cross_attention_dim)
+        self.image_drop_prob, self.text_drop_prob, self.num_image_tokens = (
+            config.image_drop_prob, config.text_drop_prob, K)
+        self.learned_classifier_free_guidance_embeddings = nn.Parameter(torch.zeros(D))  # null image_emb [D]
+        self.null_text_tokens = nn.Parameter(torch.zeros(L, W))                            # null text [L, W]
+        self.embedding_proj = nn.Linear(W, time_embed_dim)
+        self.clip_image_embeddings_project_to_time_embeddings = nn.Linear(D, time_embed_dim)
+        self.clip_extra_context_tokens_proj = nn.Linear(D, K * C)
+        self.encoder_hidden_states_proj = nn.Linear(W, C)
+        self.text_encoder_hidden_states_norm = nn.LayerNorm(C)
+
+    def token_drop(self, image_emb, text_tokens, mask, force_drop_image=None, force_drop_text=None):
+        """Replace dropped image_emb / text tokens by the learned null ones; null tokens are all attended."""
+        B, device = image_emb.shape[0], image_emb.device
+        drop_image = drop_mask(B, self.image_drop_prob, force_drop_image, self.training, device)  # [B]
+        drop_text = drop_mask(B, self.text_drop_prob, force_drop_text, self.training, device)     # [B]
+        null_image = self.learned_classifier_free_guidance_embeddings.to(image_emb.dtype)
+        image_emb = torch.where(drop_image[:, None], null_image, image_emb)                      # [B, D]
+        text_tokens = torch.where(drop_text[:, None, None], self.null_text_tokens.to(text_tokens.dtype),
+                                  text_tokens)                                                    # [B, L, W]
+        return image_emb, text_tokens, mask.bool() | drop_text[:, None]
+
+    def forward(self, image_emb, text_tokens, mask, force_drop_image=None, force_drop_text=None):
+        dtype = self.encoder_hidden_states_proj.weight.dtype
+        image_emb, text_tokens, mask = self.token_drop(image_emb.to(dtype), text_tokens.to(dtype), mask,
+                                                       force_drop_image, force_drop_text)
+        B, L = mask.shape
+        last = (L - 1) - mask.int().flip(1).argmax(1)                    # [B] index of the final real token
+        final_token = text_tokens[torch.arange(B, device=mask.device), last]  # [B, L, W] -> [B, W]
+        # "projecting and adding CLIP embeddings to the existing timestep embedding" (+ GLIDE's final token)
+        time_offset = (self.clip_image_embeddings_project_to_time_embeddings(image_emb)  # [B, D] -> [B, T]
+                       + self.embedding_proj(final_token))                            # [B, W] -> [B, T]
+        # "projecting CLIP embeddings into four extra tokens of context that are concatenated to the
+        # sequence of outputs from the GLIDE text encoder" (Karlo's [B, C, K] layout)
+        extra = self.clip_extra_context_tokens_proj(image_emb).reshape(B, -1, self.num_image_tokens)  # [B, C, K]
+        extra = extra.permute(0, 2, 1)                                                    # [B, K, C]
+        text = self.text_encoder_hidden_states_norm(self.encoder_hidden_states_proj(text_tokens))  # [B, L, C]
+        context = torch.cat([extra, text], dim=1)                                         # [B, K + L, C]
+        context_mask = F.pad(mask, (self.num_image_tokens, 0), value=True)                # [B, K + L]
+        return context, context_mask, time_offset
+
+
+def unet_kwargs(config: DecoderConfig) -> dict:
+    """UNet2DConditionModel arguments: GLIDE/Karlo-style blocks; class_labels add to the time embedding."""
+    down = ["SimpleCrossAttnDownBlock2D" if a else "ResnetDownsampleBlock2D" for a in config.attention_levels]
+    up = ["SimpleCrossAttnUpBlock2D" if a else "ResnetUpsampleBlock2D" for a in reversed(config.attention_levels)]
+    return dict(sample_size=config.image_size, in_channels=config.in_channels, out_channels=config.out_channels,
+                block_out_channels=tuple(config.block_out_channels), layers_per_block=config.layers_per_block,
+                down_block_types=tuple(down), up_block_types=tuple(up),
+                mid_block_type="UNetMidBlock2DSimpleCrossAttn", cross_attention_dim=config.cross_attention_dim,
+                attention_head_dim=config.attention_head_dim, norm_num_groups=config.norm_num_groups,
+                class_embed_type="identity", resnet_time_scale_shift="scale_shift")
+
+
+class Decoder(nn.Module):
+    """(x_t, t, image_emb, text_tokens, mask) -> eps or v prediction [B, 3, S, S]."""
+
+    def __init__(self, config: DecoderConfig):
+        super().__init__()
+        if min(config.embed_dim, config.text_width, config.context_length) < 1:
+            raise ValueError("DecoderConfig needs embed_dim, text_width and context_length from the CLIP "
+                             f"(got {config.embed_dim}, {config.text_width}, {config.context_length})")
+        if config.text_encoder == "transformer":
+            raise ValueError("text_encoder='transformer' (GLIDE's own text transformer) is not implemented yet; "
+                             "use text_encoder='clip'")
+        self.config = config
+        self.unet = UNet2DConditionModel(**unet_kwargs(config))
+        self.text_proj = ImageTextEmbedder(config, time_embed_dim=4 * config.block_out_channels[0])
+        self.initialize_weights()
+
+    def initialize_weights(self):
+        # The UNet keeps diffusers' initialisation.
+        # The two projections into the time embedding start at zero: the UNet starts as a plain
+        # timestep-conditioned ADM and the CLIP offset grows from there (adaLN-Zero / ControlNet style).
+        for layer in (self.text_proj.clip_image_embeddings_project_to_time_embeddings, self.text_proj.embedding_proj):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+        # Null condition: "setting the CLIP embeddings to zero (or a learned embedding)" (sec. 2.1), learned.
+        nn.init.zeros_(self.text_proj.learned_classifier_free_guidance_embeddings)
+        nn.init.zeros_(self.text_proj.null_text_tokens)
+
+    def _check(self, x_t, image_emb, text_tokens, mask) -> None:
+        c = self.config
+        B = x_t.shape[0]
+        if x_t.ndim != 4 or x_t.shape[1] != c.in_channels:
+            raise ValueError(f"x_t must be [B, {c.in_channels}, S, S], got {tuple(x_t.shape)}")
+        if tuple(image_emb.shape) != (B, c.embed_dim):
+            raise ValueError(f"image_emb must be [{B}, {c.embed_dim}], got {tuple(image_emb.shape)}")
+        if tuple(text_tokens.shape) != (B, c.context_length, c.text_width):
+            raise ValueError(f"text_tokens must be [{B}, {c.context_length}, {c.text_width}], "
+                             f"got {tuple(text_tokens.shape)}")
+        if tuple(mask.shape) != (B, c.context_length):
+            raise ValueError(f"mask must be [{B}, {c.context_length}], got {tuple(mask.shape)}")
+
+    def _no_text(self, batch: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Placeholder text tokens, mask and an all-True text drop (the null text replaces them)."""
+        c = self.config
+        tokens = torch.zeros(batch, c.context_length, c.text_width, device=device)   # [B, L, W]
+        mask = torch.ones(batch, c.context_length, dtype=torch.bool, device=device)   # [B, L]
+        return tokens, mask, torch.ones(batch, dtype=torch.bool, device=device)
+
+    def forward(self, x_t, t, image_emb, text_tokens, mask, force_drop_image=None, force_drop_text=None):
+        """x_t [B, 3, S, S], t [B] or scalar, image_emb [B, D], text_tokens [B, L, W], mask [B, L] -> [B, 3, S, S].
+
+        text_tokens=None (and mask=None) means no caption: the learned null text, as when the text is dropped.
+        """
+        if text_tokens is None:
+            text_tokens, mask, force_drop_text = self._no_text(x_t.shape[0], x_t.device)
+        self._check(x_t, image_emb, text_tokens, mask)
+        context, context_mask, time_offset = self.text_proj(image_emb, text_tokens, mask, force_drop_image,
+                                                            force_drop_text)
+        t = torch.as_tensor(t, device=x_t.device).reshape(-1).expand(x_t.shape[0])  # [B]
+        # class_embed_type="identity": emb = time_embedding(t) + time_offset. Karlo passes the context mask
+        # as `attention_mask` for SimpleCrossAttn blocks (image tokens pass unmasked).
+        return self.unet(x_t, t, encoder_hidden_states=context, class_labels=time_offset,
+                         attention_mask=context_mask).sample
+
+    def save(self, folder: str | os.PathLike, dtype: torch.dtype | None = None) -> None:
+        """Write a `decoder/` component folder (config, safetensors weights, scheduler_config.json)."""
+        save_component(folder, "decoder", self.config, self.state_dict(), scheduler_config=noise_schedule(self.config),
+                       dtype=dtype)
+
+    @classmethod
+    def load(cls, folder: str | os.PathLike) -> "Decoder":
+        """Load a `decoder/` component folder (eval mode, float32)."""
+        config, state_dict = load_component(folder, "decoder", DecoderConfig)
+        model = cls(config)
+        load_weights_into(model, {k: v.float() if v.is_floating_point() else v for k, v in state_dict.items()}, str(folder))
+        return model.eval()

@@ -1,0 +1,98 @@
+"""Sampling the decoder (guided by image and text) and the upsamplers, through the one loop in unclip.sampling."""
+
+from __future__ import annotations
+
+import torch
+
+from unclip.sampling import denoise, guided
+from unclip.schedulers import make_scheduler
+
+from .config import noise_schedule
+from .upsampler import corrupt
+
+
+def make_stage_scheduler(scheduler, config, dynamic_threshold: float | None = None):
+    """A scheduler by name (or a given one) over the stage's noise schedule; Imagen's dynamic thresholding at p."""
+    overrides = {}
+    if dynamic_threshold is not None:
+        if not 0.0 < dynamic_threshold <= 1.0:
+            raise ValueError(f"dynamic_threshold is a percentile in (0, 1], e.g. 0.995; got {dynamic_threshold}")
+        overrides = dict(thresholding=True, dynamic_thresholding_ratio=dynamic_threshold, sample_max_value=1.0)
+    if isinstance(scheduler, str):
+        return make_scheduler(scheduler, noise_schedule(config), **overrides)
+    if scheduler.config.get("prediction_type") != config.prediction_type:
+        raise ValueError(f"the scheduler predicts {scheduler.config.get('prediction_type')!r} but the model was "
+                         f"trained for {config.prediction_type!r}")
+    if overrides and "thresholding" not in scheduler.config:
+        raise ValueError(f"{type(scheduler).__name__} does not support dynamic thresholding")
+    return type(scheduler).from_config(scheduler.config, **overrides) if overrides else scheduler
+
+
+def initial_noise(shape: tuple, latents: torch.Tensor | None, generator, device) -> torch.Tensor:
+    """x_T: the given latents (checked) or fresh unit Gaussian noise."""
+    if latents is None:
+        return torch.randn(shape, generator=generator, device=device)
+    if tuple(latents.shape) != tuple(shape):
+        raise ValueError(f"latents must be {list(shape)}, got {list(latents.shape)}")
+    return latents.to(device, torch.float32)
+
+
+@torch.inference_mode()
+def sample_decoder(model, image_emb, text_tokens, mask, *, scheduler="ddim", num_steps: int = 25,
+                   guidance_scale: float = 3.0, text_guidance_scale: float | None = None, eta: float | None = None,
+                   dynamic_threshold: float | None = None, generator: torch.Generator | None = None,
+                   latents: torch.Tensor | None = None, prior_free: bool = False, progress: bool = True) -> dict:
+    """image_emb [B, D] (None when prior_free), text_tokens [B, L, W] and mask [B, L] (None: no caption)
+    -> {images [B, 3, S, S] in [-1, 1], latents: the initial noise x_T}.
+
+    Guidance over [null, image only, image + text]: pred = p_null + guidance_scale * (p_image - p_null)
+    + text_guidance_scale * (p_image_text - p_image). prior_free nulls the image embedding: [null, text only];
+    without text tokens it is [null, image only].
+    """
+    c = model.config
+    if image_emb is None and (not prior_free or text_tokens is None):
+        raise ValueError("image_emb is required unless prior_free=True (which needs text_tokens)")
+    if (text_tokens is None) != (mask is None):
+        raise ValueError("give text_tokens and mask together (or neither, for no caption)")
+    ref = text_tokens if text_tokens is not None else image_emb
+    B, device = ref.shape[0], ref.device
+    image_emb = torch.zeros(B, c.embed_dim, device=device) if image_emb is None else image_emb
+    text_guidance_scale = guidance_scale if text_guidance_scale is None else text_guidance_scale
+    yes, no = torch.ones(B, dtype=torch.bool, device=device), torch.zeros(B, dtype=torch.bool, device=device)
+    cond = dict(image_emb=image_emb, text_tokens=text_tokens, mask=mask)
+    null = {**cond, "force_drop_image": yes, "force_drop_text": yes}
+    if prior_free:
+        conds, scales = [null, {**cond, "force_drop_image": yes, "force_drop_text": no}], [text_guidance_scale]
+    elif text_tokens is None:
+        conds, scales = [null, {**cond, "force_drop_image": no, "force_drop_text": yes}], [guidance_scale]
+    else:
+        conds = [null, {**cond, "force_drop_image": no, "force_drop_text": yes},
+                 {**cond, "force_drop_image": no, "force_drop_text": no}]
+        scales = [guidance_scale, text_guidance_scale]
+    x_T = initial_noise((B, c.out_channels, c.image_size, c.image_size), latents, generator, device)
+    x_0 = denoise(guided(model, conds, scales), x_T, make_stage_scheduler(scheduler, c, dynamic_threshold),
+                  num_steps, generator=generator, eta=eta, progress=progress, desc="decoder")
+    return {"images": x_0.clamp(-1, 1), "latents": x_T}
+
+
+@torch.inference_mode()
+def upsample(model, low_res: torch.Tensor, *, scheduler="ddim", num_steps: int = 25, aug_level: float = 0.0,
+             eta: float | None = None, generator: torch.Generator | None = None, latents: torch.Tensor | None = None,
+             progress: bool = True) -> torch.Tensor:
+    """low_res [B, 3, s, s] in [-1, 1] -> [B, 3, k*s, k*s] in [-1, 1]; low_res is first noised at aug_level."""
+    c = model.config
+    if low_res.ndim != 4 or low_res.shape[1] != c.in_channels:
+        raise ValueError(f"low_res must be [B, {c.in_channels}, s, s], got {tuple(low_res.shape)}")
+    if not 0.0 <= aug_level <= 1.0:
+        raise ValueError(f"aug_level must be in [0, 1], got {aug_level}")
+    B, _, h, w = low_res.shape
+    shape = (B, c.out_channels, h * c.scale, w * c.scale)
+    down = 2 ** (len(c.block_out_channels) - 1)
+    if shape[-1] % down or shape[-2] % down:
+        raise ValueError(f"the upsampled side ({shape[-2]}x{shape[-1]}) must divide by {down} (UNet levels)")
+    low_res = corrupt(low_res.float(), aug_level, generator=generator)  # Imagen: condition on a noised input
+    x_T = initial_noise(shape, latents, generator, low_res.device)
+    model_fn = lambda x_t, t: model(x_t, t, low_res, aug_level)  # noqa: E731
+    x_0 = denoise(model_fn, x_T, make_stage_scheduler(scheduler, c), num_steps, generator=generator, eta=eta,
+                  progress=progress, desc=f"upsampler {c.image_size}")
+    return x_0.clamp(-1, 1)

@@ -1,0 +1,194 @@
+"""train_decoder / train_upsampler: read the pairs, encode them once with the frozen CLIP, run the one training loop."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import os
+import warnings
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset, IterableDataset, Subset
+
+from unclip.checkpoint import update_model_index
+from unclip.clip import ClipEncoder
+from unclip.config import config_from_dict, config_to_dict, read_json
+from unclip.data.encode import encode_captions, encode_images
+from unclip.images import make_grid, tensor_to_pil
+from unclip.training import Hooks, TrainConfig, train
+
+from .config import DecoderConfig, UpsamplerConfig, decoder_preset, upsampler_preset
+from .loss import decoder_loss, upsampler_loss
+from .model import Decoder
+from .sample import sample_decoder, upsample
+from .upsampler import Upsampler, downsample
+
+# ---------------------------------------------------------------- data
+
+
+def open_data(data, image_size: int):
+    """A data set object as is, or a path through unclip.data.datasets.open_dataset at `image_size` px."""
+    if isinstance(data, (Dataset, IterableDataset)):
+        return data
+    from unclip.data.datasets import open_dataset
+    return open_dataset(data, image_size)
+
+
+def as_map_style(dataset) -> Dataset:
+    """Read an iterable data set (webdataset shards) into memory; a map-style one is returned as is."""
+    if not isinstance(dataset, IterableDataset):
+        return dataset
+    warnings.warn("decoder training reads streamed shards into memory once (to encode them with CLIP)", stacklevel=3)
+    return list(dataset)
+
+
+def split_heldout(n: int, heldout: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train rows, held-out rows): at most `heldout` samples and at most a tenth of the data held out."""
+    k = min(heldout, n // 10)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return order[k:].sort().values, order[:k].sort().values
+
+
+class DecoderDataset(Dataset):
+    """Items for decoder_loss: the image at the decoder's size, its image_emb, its caption's tokens and mask."""
+
+    def __init__(self, source, rows: torch.Tensor, image_emb: torch.Tensor, text: dict, image_size: int):
+        self.source, self.rows, self.image_emb, self.text, self.image_size = source, rows, image_emb, text, image_size
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict:
+        row = int(self.rows[i])
+        caption = int(self.text["index"][row])
+        image = downsample(self.source[row]["image"][None], self.image_size)[0]  # [3, H, H] -> [3, S, S]
+        return {"image": image, "image_emb": self.image_emb[row],
+                "text_tokens": self.text["text_tokens"][caption].float(), "mask": self.text["mask"][caption]}
+
+
+# ---------------------------------------------------------------- configs
+
+
+def make_decoder_config(clip: ClipEncoder, preset: str = "tiny", config: DecoderConfig | None = None) -> DecoderConfig:
+    """The preset (or config) with D, W and L from the CLIP; non-zero values that disagree with it raise."""
+    dims = dict(embed_dim=clip.embed_dim, text_width=clip.text_width, context_length=clip.context_length)
+    config = config if config is not None else decoder_preset(preset)
+    wrong = {k: (getattr(config, k), v) for k, v in dims.items() if getattr(config, k) not in (0, v)}
+    if wrong:
+        raise ValueError(f"decoder config does not fit the CLIP (config, CLIP): {wrong}")
+    return dataclasses.replace(config, **dims)
+
+
+def _resumed_config(run_dir: Path, key: str, cls):
+    """The component config recorded by an earlier run in run_dir, if any."""
+    path = run_dir / "train_config.json"
+    saved = read_json(path).get(key) if path.is_file() else None
+    return config_from_dict(cls, saved) if saved else None
+
+
+# ---------------------------------------------------------------- hooks
+
+
+def _device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def decoder_hooks(model_dir: Path, shown: dict, sample_steps: int) -> Hooks:
+    """Export the EMA decoder; sample grid: ground truth (top row) above samples for the same embeddings."""
+    def export(ema: Decoder, step: int) -> None:
+        ema.save(model_dir / "decoder")
+        update_model_index(model_dir)
+
+    def sample(ema: Decoder, step: int):
+        device = _device(ema)
+        out = sample_decoder(ema, shown["image_emb"].to(device), shown["text_tokens"].to(device),
+                             shown["mask"].to(device), num_steps=sample_steps,
+                             generator=torch.Generator(device).manual_seed(0), progress=False)
+        return make_grid(tensor_to_pil(shown["image"]) + tensor_to_pil(out["images"]), cols=len(shown["image"]))
+
+    return Hooks(export=export, sample=sample)
+
+
+def upsampler_hooks(model_dir: Path, folder: str, images: torch.Tensor, sample_steps: int) -> Hooks:
+    """Export the EMA upsampler; sample grid rows: bicubic upsampling, samples, ground truth."""
+    def export(ema: Upsampler, step: int) -> None:
+        ema.save(model_dir / folder)
+        update_model_index(model_dir)
+
+    def sample(ema: Upsampler, step: int):
+        device = _device(ema)
+        low_res = downsample(images, images.shape[-1] // ema.config.scale).to(device)
+        out = upsample(ema, low_res, num_steps=sample_steps, generator=torch.Generator(device).manual_seed(0),
+                       progress=False)
+        bicubic = torch.nn.functional.interpolate(low_res, size=images.shape[-2:], mode="bicubic")
+        return make_grid(tensor_to_pil(bicubic) + tensor_to_pil(out) + tensor_to_pil(images), cols=len(images))
+
+    return Hooks(export=export, sample=sample)
+
+
+# ---------------------------------------------------------------- entry points
+
+
+def encode_pairs(clip: ClipEncoder, source, progress: bool) -> tuple[torch.Tensor, dict]:
+    """image_emb [N, D] per sample and encode_captions' per-unique-caption text encodings."""
+    captions = getattr(source, "captions", None)
+    if captions is None:
+        captions = [source[i]["caption"] for i in range(len(source))]
+    return encode_images(clip, source, progress=progress), encode_captions(clip, list(captions), progress=progress)
+
+
+def train_decoder(model_dir: str | os.PathLike, data, *, train_config: TrainConfig, preset: str = "tiny",
+                  config: DecoderConfig | None = None, run_dir=None, resume: bool = False, heldout: int = 8,
+                  sample_steps: int = 25, progress: bool = True) -> Decoder:
+    """Train MODEL_DIR/decoder on image-caption pairs (a folder, shards, or a data set of {"image", "caption"}).
+
+    The frozen MODEL_DIR/clip encodes every image and unique caption once; up to `heldout` pairs are kept out
+    for the sample grids; the EMA weights are exported to MODEL_DIR/decoder. Returns the EMA model.
+    """
+    model_dir = Path(model_dir)
+    run_dir = Path(run_dir) if run_dir is not None else model_dir / "runs" / "decoder"
+    clip = ClipEncoder.load(model_dir / "clip").eval().requires_grad_(False)
+    if resume:
+        config = _resumed_config(run_dir, "decoder", DecoderConfig) or config
+    config = make_decoder_config(clip, preset, config)
+    source = as_map_style(open_data(data, max(config.image_size, clip.image_size)))
+    image_emb, text = encode_pairs(clip, source, progress)
+    train_rows, heldout_rows = split_heldout(len(image_emb), heldout, train_config.seed)
+    shown_rows = heldout_rows if len(heldout_rows) else train_rows[:4]
+    shown = torch.utils.data.default_collate(
+        [DecoderDataset(source, shown_rows, image_emb, text, config.image_size)[i] for i in range(len(shown_rows))])
+    info = {"decoder": config_to_dict(config), "data": None if isinstance(data, Dataset) else str(data),
+            "train_samples": len(train_rows), "heldout_samples": len(heldout_rows)}
+    return train(Decoder(config), decoder_loss, DecoderDataset(source, train_rows, image_emb, text, config.image_size),
+                 run_dir, train_config, hooks=decoder_hooks(model_dir, shown, sample_steps), resume=resume,
+                 extra_info=info, progress=progress)
+
+
+def train_upsampler(model_dir: str | os.PathLike, data, size: int = 64, *, train_config: TrainConfig,
+                    preset: str | None = None, config: UpsamplerConfig | None = None, run_dir=None,
+                    resume: bool = False, heldout: int = 8, sample_steps: int = 25,
+                    progress: bool = True) -> Upsampler:
+    """Train MODEL_DIR/upsampler_{size} on the images of a data set (captions unused); exports EMA weights."""
+    model_dir, folder = Path(model_dir), f"upsampler_{size}"
+    run_dir = Path(run_dir) if run_dir is not None else model_dir / "runs" / folder
+    if resume:
+        config = _resumed_config(run_dir, "upsampler", UpsamplerConfig) or config
+    config = config if config is not None else upsampler_preset(preset or f"tiny-{size}")
+    if config.image_size != size:
+        raise ValueError(f"the upsampler config makes {config.image_size} px images, not {size} px "
+                         f"(choose a preset ending in -{size})")
+    source = open_data(data, size)
+    if isinstance(source, IterableDataset):
+        train_set, shown = source, [item["image"] for item in itertools.islice(iter(source), min(heldout, 4))]
+    else:
+        train_rows, heldout_rows = split_heldout(len(source), heldout, train_config.seed)
+        shown_rows = heldout_rows if len(heldout_rows) else train_rows[:4]
+        train_set, shown = Subset(source, train_rows.tolist()), [source[int(r)]["image"] for r in shown_rows]
+    if not shown:
+        raise ValueError("the training data set is empty")
+    info = {"upsampler": config_to_dict(config), "data": None if isinstance(data, (Dataset, IterableDataset))
+            else str(data), "size": size}
+    return train(Upsampler(config), upsampler_loss, train_set, run_dir, train_config,
+                 hooks=upsampler_hooks(model_dir, folder, torch.stack(shown), sample_steps), resume=resume, extra_info=info,
+                 progress=progress)

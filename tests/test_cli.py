@@ -1,0 +1,105 @@
+"""The image-making commands through click's CliRunner on the tiny model, including bad input."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+import cli
+
+FAST = ["--steps-prior", "2", "--steps-decoder", "2", "--steps-upsampler", "2", "--quiet"]
+
+
+def run(*args):
+    return CliRunner().invoke(cli.main, [str(a) for a in args])
+
+
+@pytest.fixture
+def picture(tmp_path):
+    path = tmp_path / "in.png"
+    Image.new("RGB", (24, 24), (220, 30, 30)).save(path)
+    return path
+
+
+def test_generate_png_provenance_and_from_png(tiny_model_dir, tmp_path):
+    out = tmp_path / "a.png"
+    result = run("generate", "a red circle", "--model", tiny_model_dir, "--seed", 7, "-o", out, *FAST)
+    assert result.exit_code == 0, result.output
+    meta = json.loads(Image.open(out).text["unclip"])
+    assert meta["prompt"] == "a red circle" and meta["seed"] == 7 and meta["settings"]["decoder_steps"] == 2
+    again = tmp_path / "b.png"
+    result = run("generate", "--from-png", out, "-o", again, "--quiet")
+    assert result.exit_code == 0, result.output
+    assert np.array_equal(np.asarray(Image.open(out)), np.asarray(Image.open(again)))
+
+
+def test_generate_folder_grid_and_determinism(tiny_model_dir, tmp_path):
+    result = run("generate", "two blue squares", "--model", tiny_model_dir, "-n", 3, "-o", tmp_path / "f", *FAST)
+    assert result.exit_code == 0, result.output
+    assert sorted(os.listdir(tmp_path / "f")) == ["0000.png", "0001.png", "0002.png"]
+    run("generate", "two blue squares", "--model", tiny_model_dir, "-n", 3, "-o", tmp_path / "g", *FAST)
+    assert (tmp_path / "f" / "0002.png").read_bytes() == (tmp_path / "g" / "0002.png").read_bytes()
+    result = run("generate", "a red circle", "--model", tiny_model_dir, "-n", 4, "--grid", "-o",
+                 tmp_path / "grid.png", *FAST)
+    assert result.exit_code == 0 and Image.open(tmp_path / "grid.png").size == (2 * 16 + 3 * 2,) * 2
+
+
+def test_vary_interpolate_edit_info(tiny_model_dir, tmp_path, picture):
+    assert run("vary", picture, "--model", tiny_model_dir, "-n", 2, "-o", tmp_path / "v", *FAST).exit_code == 0
+    assert len(os.listdir(tmp_path / "v")) == 2
+    result = run("vary", picture, "--invert", "--model", tiny_model_dir, "-o", tmp_path / "inv.png", *FAST)
+    assert result.exit_code == 0, result.output
+    result = run("interpolate", "a red circle", picture, "--frames", 3, "--model", tiny_model_dir,
+                 "-o", tmp_path / "m.gif", *FAST)
+    assert result.exit_code == 0, result.output
+    assert Image.open(tmp_path / "m.gif").n_frames >= 2
+    result = run("interpolate", "a red circle", "a blue square", "--frames", 3, "--model", tiny_model_dir,
+                 "-o", tmp_path / "strip.png", *FAST)
+    assert result.exit_code == 0 and Image.open(tmp_path / "strip.png").size[0] > 3 * 16
+    result = run("edit", picture, "--from", "a red circle", "--to", "a blue circle", "--amount", 0,
+                 "--amount", 0.5, "--model", tiny_model_dir, "-o", tmp_path / "e", *FAST)
+    assert result.exit_code == 0, result.output
+    assert len(os.listdir(tmp_path / "e")) == 2
+    result = run("info", tiny_model_dir)
+    assert result.exit_code == 0 and "decoder [decoder]" in result.output and "upsampler_16" in result.output
+
+
+BAD = [
+    (["generate", "", "--model", "{model}"], "PROMPT"),
+    (["generate", "a red circle", "--model", "{tmp}/nope"], "no model folder"),
+    (["generate", "a red circle", "--model", "{model}", "-n", "0"], "-n"),
+    (["generate", "a red circle", "--model", "{model}", "-n", "2", "-o", "{tmp}/one.png"], "do not fit"),
+    (["generate", "a red circle", "--model", "{model}", "--steps-decoder", "0"], "steps-decoder"),
+    (["generate", "a red circle", "--model", "{model}", "--guidance-decoder", "nan"], "finite"),
+    (["generate", "a red circle", "--model", "{model}", "--guidance-prior", "inf"], "finite"),
+    (["generate", "a red circle", "--model", "{model}", "--sampler", "magic"], "magic"),
+    (["generate", "a red circle", "--model", "{model}", "-o", "{tmp}/file.txt/x.png"], "is a file"),
+    (["generate", "--from-png", "{tmp}/plain.png", "--model", "{model}"], "carries no unclip settings"),
+    (["vary", "{tmp}/missing.png", "--model", "{model}"], "image not found"),
+    (["vary", "{tmp}/file.txt", "--model", "{model}"], "not a readable image"),
+    (["interpolate", "a red circle", "a blue square", "--frames", "1", "--model", "{model}"], "frames"),
+    (["edit", "{tmp}/plain.png", "--from", "a", "--to", "a", "--model", "{model}"], "same embedding"),
+    (["info", "{tmp}/nope"], "no model folder"),
+]
+
+
+@pytest.mark.parametrize("args,message", BAD, ids=[" ".join(a[:2]) + f"-{i}" for i, (a, _) in enumerate(BAD)])
+def test_bad_input_gives_one_line_error(args, message, tiny_model_dir, tmp_path):
+    (tmp_path / "file.txt").write_text("not an image")
+    Image.new("RGB", (8, 8)).save(tmp_path / "plain.png")
+    args = [a.format(model=tiny_model_dir, tmp=tmp_path) for a in args]
+    result = run(*(args[:1] + (FAST if args[0] != "info" else []) + args[1:]))
+    assert result.exit_code != 0
+    assert message in result.output, result.output
+    assert "Traceback" not in result.output
+    assert not list(tmp_path.glob("**/.*tmp*")) and not (tmp_path / "one.png").exists()
+
+
+def test_unwritable_output_fails_cleanly(tiny_model_dir):
+    """/proc refuses new files even to root: the write fails with one line and leaves nothing behind."""
+    result = run("generate", "a red circle", "--model", tiny_model_dir, "-o", "/proc/unclip-test.png", *FAST)
+    assert result.exit_code != 0 and "Traceback" not in result.output and "/proc" in result.output
+    assert len(result.output.strip().splitlines()) == 1

@@ -1,0 +1,323 @@
+"""The decoder and the upsamplers: shapes, gradients, conditioning, save/load, samplers, corruption, training, CLI."""
+
+import dataclasses
+
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+from torch.utils.data import Dataset
+
+from decoder.config import DecoderConfig, UpsamplerConfig, decoder_preset, upsampler_preset
+from decoder.loss import decoder_loss, min_snr_weight, upsampler_loss
+from decoder.model import Decoder
+from decoder.sample import make_stage_scheduler, sample_decoder, upsample
+from decoder.training import train_decoder, train_upsampler
+from decoder.upsampler import Upsampler, corrupt, gaussian_blur
+from unclip.sampling import denoise
+from unclip.training import TrainConfig, list_checkpoints, read_metrics
+
+B, S, D, L, W = 3, 16, 16, 16, 32
+CAPTIONS = ["a red circle", "a blue square", "two green triangles", "a large yellow circle"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread (and do not fight other jobs for the cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_decoder_config(**fields) -> DecoderConfig:
+    base = dict(image_size=S, block_out_channels=(16, 32), attention_levels=(False, True), layers_per_block=1,
+                attention_head_dim=8, norm_num_groups=8, cross_attention_dim=16, embed_dim=D, text_width=W,
+                context_length=L)
+    return DecoderConfig(**{**base, **fields})
+
+
+def tiny_upsampler_config(**fields) -> UpsamplerConfig:
+    base = dict(image_size=S, low_res_size=S // 2, block_out_channels=(8, 16), attention_levels=(False, True),
+                layers_per_block=1, attention_head_dim=8, norm_num_groups=8)
+    return UpsamplerConfig(**{**base, **fields})
+
+
+def perturbed(model):
+    """Move zero-initialised parameters off zero so that every path carries signal."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    return model
+
+
+def cond(batch: int = B, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.zeros(batch, L, dtype=torch.bool)
+    mask[:, :6] = True
+    return dict(image_emb=torch.randn(batch, D, generator=g), text_tokens=torch.randn(batch, L, W, generator=g),
+                mask=mask)
+
+
+@pytest.fixture
+def decoder():
+    return perturbed(Decoder(tiny_decoder_config())).eval()
+
+
+@pytest.fixture
+def upsampler():
+    return Upsampler(tiny_upsampler_config()).eval()
+
+
+# ---------------------------------------------------------------- the decoder network
+
+
+def test_decoder_output_shape_and_channels_last(decoder):
+    x = torch.randn(B, 3, S, S)
+    out = decoder(x, torch.tensor([0, 500, 999]), **cond())
+    assert out.shape == (B, 3, S, S)
+    out_cl = decoder(x.contiguous(memory_format=torch.channels_last), torch.tensor([0, 500, 999]), **cond())
+    torch.testing.assert_close(out, out_cl, atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="image_emb must be"):
+        decoder(x, 10, **{**cond(), "image_emb": torch.randn(B, D + 1)})
+
+
+@pytest.mark.parametrize("prediction_type,gamma", [("epsilon", 5.0), ("v_prediction", 0.0)])
+def test_decoder_loss_reaches_every_parameter(prediction_type, gamma):
+    model = Decoder(tiny_decoder_config(prediction_type=prediction_type, min_snr_gamma=gamma,
+                                        image_drop_prob=0.5, text_drop_prob=0.5)).train()
+    batch = {"image": torch.rand(16, 3, S, S) * 2 - 1, **cond(16)}
+    loss, logs = decoder_loss(model, batch)
+    assert torch.isfinite(loss) and torch.isfinite(logs["mse"])
+    loss.backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not missing, missing
+
+
+def test_conditioning_matters(decoder):
+    x, t, c = torch.randn(B, 3, S, S), torch.full((B,), 400), cond()
+    out = decoder(x, t, **c)
+    assert not torch.allclose(out, decoder(x, t, **{**c, "image_emb": cond(seed=1)["image_emb"]}))
+    tokens = c["text_tokens"].clone()
+    tokens[:, 2] += 1.0                                   # a real (unmasked) token
+    assert not torch.allclose(out, decoder(x, t, **{**c, "text_tokens": tokens}))
+    tokens = c["text_tokens"].clone()
+    tokens[:, 10:] += 5.0                                 # padding: masked out
+    torch.testing.assert_close(out, decoder(x, t, **{**c, "text_tokens": tokens}))
+    drop = torch.ones(B, dtype=torch.bool)                # a dropped image_emb no longer matters
+    a = decoder(x, t, **c, force_drop_image=drop)
+    b = decoder(x, t, **{**c, "image_emb": cond(seed=1)["image_emb"]}, force_drop_image=drop)
+    torch.testing.assert_close(a, b)
+    torch.testing.assert_close(decoder(x, t, c["image_emb"], None, None), decoder(x, t, **c, force_drop_text=drop))
+
+
+def test_decoder_save_load_identical(decoder, tmp_path):
+    decoder.save(tmp_path / "decoder")
+    assert (tmp_path / "decoder" / "scheduler_config.json").is_file()
+    loaded = Decoder.load(tmp_path / "decoder")
+    x = torch.randn(B, 3, S, S)
+    torch.testing.assert_close(decoder(x, 7, **cond()), loaded(x, 7, **cond()), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="expected 'upsampler'"):
+        Upsampler.load(tmp_path / "decoder")
+
+
+def test_config_errors():
+    with pytest.raises(ValueError, match="not implemented"):
+        Decoder(tiny_decoder_config(text_encoder="transformer"))
+    with pytest.raises(ValueError, match="text_drop_prob"):
+        tiny_decoder_config(text_drop_prob=1.5)
+    with pytest.raises(ValueError, match="unknown decoder preset"):
+        decoder_preset("huge")
+    with pytest.raises(ValueError, match="unknown fields"):
+        upsampler_preset("tiny-64", width=3)
+    with pytest.raises(ValueError, match="multiple"):
+        tiny_upsampler_config(low_res_size=5)
+
+
+def test_min_snr_weight():
+    a = torch.tensor([0.999, 0.5, 0.001])                 # SNR 999, 1, ~0.001
+    eps = min_snr_weight(a, 5.0, "epsilon")
+    torch.testing.assert_close(eps, torch.tensor([5 / 999, 1.0, 1.0]), rtol=1e-3, atol=0)
+    v = min_snr_weight(a, 5.0, "v_prediction")
+    torch.testing.assert_close(v, torch.tensor([5 / 1000, 0.5, 0.001 / 0.999 / (1 + 0.001 / 0.999)]), rtol=1e-3,
+                               atol=0)
+
+
+# ---------------------------------------------------------------- sampling
+
+
+@pytest.mark.parametrize("scheduler,eta", [("ddpm", None), ("ddim", 0.5), ("dpm++", None), ("unipc", None)])
+def test_each_scheduler_samples(decoder, scheduler, eta):
+    out = sample_decoder(decoder, **cond(2), scheduler=scheduler, num_steps=2, eta=eta,
+                         generator=torch.Generator().manual_seed(0), progress=False)
+    assert out["images"].shape == (2, 3, S, S) and out["latents"].shape == (2, 3, S, S)
+    assert torch.isfinite(out["images"]).all() and out["images"].abs().max() <= 1
+
+
+def test_latents_fix_the_sample_and_guidance_branches(decoder):
+    c = cond(2)
+    first = sample_decoder(decoder, **c, num_steps=2, generator=torch.Generator().manual_seed(0), progress=False)
+    again = sample_decoder(decoder, **c, num_steps=2, latents=first["latents"], progress=False)
+    torch.testing.assert_close(first["images"], again["images"])
+    other = sample_decoder(decoder, **c, num_steps=2, latents=first["latents"], text_guidance_scale=0.0,
+                           progress=False)
+    assert not torch.allclose(first["images"], other["images"])
+    no_text = sample_decoder(decoder, c["image_emb"], None, None, num_steps=2, latents=first["latents"],
+                             progress=False)
+    assert no_text["images"].shape == (2, 3, S, S)
+
+
+def test_dynamic_thresholding_bounds_x0(decoder):
+    scheduler = make_stage_scheduler("ddim", decoder.config, dynamic_threshold=0.9)
+    assert scheduler.config.thresholding and scheduler.config.dynamic_thresholding_ratio == 0.9
+    x_T = torch.randn(2, 3, S, S)
+    huge = lambda x, t: -50 * torch.ones_like(x)  # noqa: E731  (an eps whose x0 is far outside [-1, 1])
+    assert denoise(huge, x_T, make_stage_scheduler("ddim", decoder.config), 1, progress=False).abs().max() > 2
+    assert denoise(huge, x_T, scheduler, 1, progress=False).abs().max() <= 1 + 1e-5
+    out = sample_decoder(decoder, **cond(2), num_steps=2, guidance_scale=8.0, dynamic_threshold=0.9, progress=False)
+    assert out["images"].abs().max() <= 1
+    with pytest.raises(ValueError, match="percentile"):
+        make_stage_scheduler("ddim", decoder.config, dynamic_threshold=1.5)
+
+
+def test_prior_free_ignores_the_image_embedding(decoder):
+    c = cond(2)
+    x_T = torch.randn(2, 3, S, S)
+    a = sample_decoder(decoder, None, c["text_tokens"], c["mask"], num_steps=2, latents=x_T, prior_free=True,
+                       progress=False)
+    b = sample_decoder(decoder, c["image_emb"], c["text_tokens"], c["mask"], num_steps=2, latents=x_T,
+                       prior_free=True, progress=False)
+    torch.testing.assert_close(a["images"], b["images"])
+    with pytest.raises(ValueError, match="image_emb is required"):
+        sample_decoder(decoder, None, c["text_tokens"], c["mask"], num_steps=2, progress=False)
+
+
+# ---------------------------------------------------------------- upsampler
+
+
+def test_corruption_levels():
+    x = torch.rand(4, 3, 32, 32) * 2 - 1
+    assert torch.equal(corrupt(x, 0.0), x)
+    assert torch.equal(corrupt(x, torch.zeros(4), blur_sigma=torch.zeros(4)), x)
+    for level in (0.1, 0.5):
+        noise = corrupt(x, level) - (1 - level ** 2) ** 0.5 * x
+        assert abs(noise.std().item() - level) < 0.05 * level and abs(noise.mean().item()) < 0.02
+    blurred = gaussian_blur(x, torch.full((4,), 0.6))
+    assert blurred.std() < x.std()
+    flat = torch.full((1, 3, 8, 8), 0.3)
+    torch.testing.assert_close(gaussian_blur(flat, torch.tensor([0.6])), flat)
+    with pytest.raises(ValueError, match="aug_level"):
+        corrupt(x, 1.5)
+
+
+def test_upsampler_shapes_loss_and_level(upsampler):
+    low = torch.rand(B, 3, S // 2, S // 2) * 2 - 1
+    x = torch.randn(B, 3, S, S)
+    out = upsampler(x, torch.tensor([1, 2, 3]), low, 0.0)
+    assert out.shape == (B, 3, S, S)
+    assert not torch.allclose(out, upsampler(x, torch.tensor([1, 2, 3]), low, 0.5))   # the level is a condition
+    assert not torch.allclose(out, upsampler(x, torch.tensor([1, 2, 3]), -low, 0.0))  # so is low_res
+    model = upsampler.train()
+    loss, _ = upsampler_loss(model, {"image": torch.rand(4, 3, S + 8, S + 8) * 2 - 1})  # larger: random crops
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+    with pytest.raises(ValueError, match="smaller than the training crop"):
+        upsampler_loss(model, {"image": torch.rand(2, 3, S // 2, S // 2)})
+
+
+def test_upsample_and_save_load(upsampler, tmp_path):
+    low = torch.rand(2, 3, S // 2, S // 2) * 2 - 1
+    out = upsample(upsampler, low, scheduler="dpm++", num_steps=2, aug_level=0.1,
+                   generator=torch.Generator().manual_seed(0), progress=False)
+    assert out.shape == (2, 3, S, S) and out.abs().max() <= 1
+    upsampler.save(tmp_path / "upsampler_16")
+    loaded = Upsampler.load(tmp_path / "upsampler_16")
+    x = torch.randn(2, 3, S, S)
+    torch.testing.assert_close(upsampler(x, 5, low, 0.2), loaded(x, 5, low, 0.2), rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------- training and CLI
+
+
+class Pairs(Dataset):
+    """A tiny in-memory data set in the datasets.py item format."""
+
+    def __init__(self, n: int, size: int):
+        g = torch.Generator().manual_seed(0)
+        self.images = torch.rand(n, 3, size, size, generator=g) * 2 - 1
+        self.captions = [CAPTIONS[i % len(CAPTIONS)] for i in range(n)]
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return {"image": self.images[i], "caption": self.captions[i], "key": f"{i:05d}"}
+
+
+@pytest.fixture
+def model_dir(tmp_path, tiny_clip):
+    tiny_clip.save(tmp_path / "model" / "clip")
+    return tmp_path / "model"
+
+
+def test_train_decoder_resumes_from_saved_step(model_dir):
+    config = dataclasses.replace(tiny_decoder_config(), embed_dim=0, text_width=0, context_length=0)
+    train_config = TrainConfig(steps=2, batch_size=4, warmup_steps=1, checkpoint_every=1, log_every=1)
+    run = dict(config=config, heldout=2, sample_steps=1, progress=False)
+    train_decoder(model_dir, Pairs(12, 32), train_config=train_config, **run)
+    assert [s for s, _ in list_checkpoints(model_dir / "runs" / "decoder")] == [1, 2]
+    ema = train_decoder(model_dir, Pairs(12, 32), train_config=dataclasses.replace(train_config, steps=3),
+                        resume=True, **run)
+    steps = [r["step"] for r in read_metrics(model_dir / "runs" / "decoder" / "metrics.csv") if r["name"] == "loss"]
+    assert steps == [1, 2, 3]
+    assert (model_dir / "runs" / "decoder" / "samples" / "step-00000003.png").is_file()
+    loaded = Decoder.load(model_dir / "decoder")
+    assert loaded.config == ema.config and loaded.config.embed_dim == D
+    with pytest.raises(ValueError, match="already holds checkpoints"):
+        train_decoder(model_dir, Pairs(12, 32), train_config=train_config, **run)
+
+
+def test_train_upsampler(model_dir):
+    train_config = TrainConfig(steps=1, batch_size=2, warmup_steps=1, checkpoint_every=1)
+    train_upsampler(model_dir, Pairs(4, S), size=S, train_config=train_config, config=tiny_upsampler_config(),
+                    sample_steps=1, progress=False)
+    assert Upsampler.load(model_dir / f"upsampler_{S}").config == tiny_upsampler_config()
+    with pytest.raises(ValueError, match="not 64 px"):
+        train_upsampler(model_dir, Pairs(4, S), size=64, train_config=train_config, config=tiny_upsampler_config())
+
+
+def write_pairs(folder, n: int, size: int) -> None:
+    folder.mkdir(parents=True)
+    for i in range(n):
+        colour = (40 * i % 255, 100, 200)
+        Image.new("RGB", (size, size), colour).save(folder / f"{i:05d}.png")
+        (folder / f"{i:05d}.txt").write_text(CAPTIONS[i % len(CAPTIONS)])
+
+
+def test_cli_train_decoder_and_upsampler(model_dir, tmp_path):
+    from cli import main
+
+    write_pairs(tmp_path / "pairs", 4, 64)
+    runner = CliRunner()
+    common = ["--model", str(model_dir), "--data", str(tmp_path / "pairs"), "--steps", "1", "--batch-size", "2",
+              "--sample-steps", "1", "--quiet"]
+    result = runner.invoke(main, ["train", "decoder", *common, "--text-drop", "0.3"])
+    assert result.exit_code == 0, result.output
+    assert Decoder.load(model_dir / "decoder").config.text_drop_prob == 0.3
+    result = runner.invoke(main, ["train", "upsampler", *common, "--size", "64", "--aug-max", "0.2"])
+    assert result.exit_code == 0, result.output
+    assert (model_dir / "upsampler_64" / "model.safetensors").is_file()
+    result = runner.invoke(main, ["train", "decoder", *common[:4], "--text-drop", "1.5"])
+    assert result.exit_code != 0 and "--text-drop" in result.output
+    result = runner.invoke(main, ["train", "decoder", "--model", str(tmp_path), "--data", str(tmp_path / "pairs")])
+    assert result.exit_code != 0 and "missing clip component" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
+def test_cli_preset_lists_match_the_configs():
+    import cli
+    from decoder.config import DECODER_PRESETS, UPSAMPLER_PRESETS
+
+    assert cli.DECODER_PRESET_NAMES == list(DECODER_PRESETS)
+    assert cli.UPSAMPLER_PRESET_NAMES == list(UPSAMPLER_PRESETS)

@@ -1,0 +1,145 @@
+"""UnCLIPPipeline end to end on a tiny random model: every use, determinism, save/load, errors."""
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import make_tiny_pipeline
+from unclip import UnCLIPPipeline, mix, slerp, text_diff
+
+FAST = dict(prior_steps=2, decoder_steps=2, upsampler_steps=2)
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return make_tiny_pipeline()
+
+
+def pixels(images):
+    return np.stack([np.asarray(i) for i in images])
+
+
+def test_generate_end_to_end(pipe):
+    out = pipe("a red circle", num_images=2, seed=0, **FAST)
+    assert len(out.images) == 2 and all(isinstance(i, Image.Image) and i.size == (16, 16) for i in out.images)
+    assert out.base.shape == (2, 3, 8, 8) and out.image_emb.shape == (2, 16)
+    assert torch.allclose(out.image_emb.norm(dim=-1), torch.ones(2), atol=1e-4)
+    assert set(out.latents) == {"prior", "decoder", "upsampler_16"}
+    assert out.info["command"] == "generate" and out.info["settings"]["decoder_steps"] == 2
+
+
+def test_same_seed_same_pixels_and_batch_invariance(pipe):
+    a = pipe.generate(["a red circle", "two blue squares"], seed=3, **FAST)
+    b = pipe.generate(["a red circle", "two blue squares"], seed=3, **FAST)
+    assert np.array_equal(pixels(a.images), pixels(b.images))
+    alone = pipe.generate("two blue squares", seed=4, **FAST)  # image i of a batch uses seed + i
+    assert np.abs(pixels(alone.images)[0].astype(int) - pixels(a.images)[1].astype(int)).max() <= 1
+    other = pipe.generate(["a red circle"], seed=5, **FAST)
+    assert not np.array_equal(pixels(other.images)[0], pixels(a.images)[0])
+
+
+def test_generator_and_stage_inputs_round_trip(pipe):
+    out = pipe("a red circle", generator=torch.Generator().manual_seed(0), **FAST)
+    again = pipe("a red circle", image_emb=out.image_emb, latents=out.latents, **FAST)
+    assert np.array_equal(pixels(out.images), pixels(again.images))
+
+
+def test_negative_prompt_and_prior_free_change_the_result(pipe):
+    plain = pipe("a red circle", seed=0, **FAST)
+    negative = pipe("a red circle", seed=0, negative_prompt="a blue square", **FAST)
+    assert not torch.allclose(plain.image_emb, negative.image_emb)
+    free = pipe("a red circle", seed=0, prior_free=True, **FAST)
+    assert not torch.equal(free.base, plain.base)
+
+
+def test_save_load_gives_identical_images(pipe, tmp_path):
+    pipe.save_pretrained(tmp_path / "m")
+    loaded = UnCLIPPipeline.from_pretrained(tmp_path / "m")
+    loaded.set_progress_bar_config(disable=True)
+    a, b = pipe("a red circle", seed=1, **FAST), loaded("a red circle", seed=1, **FAST)
+    assert np.array_equal(pixels(a.images), pixels(b.images))
+
+
+def test_vary_fresh_noise_and_inverted(pipe):
+    picture = Image.new("RGB", (20, 20), (220, 30, 30))
+    out = pipe.vary(picture, num_images=3, seed=0, **FAST)
+    assert len(out.images) == 3 and not np.array_equal(pixels(out.images[:1]), pixels(out.images[1:2]))
+    assert torch.allclose(out.image_emb[0], pipe.encode_image([picture])[0])
+    inverted = pipe.vary([picture], num_images=2, invert=True, **FAST)
+    assert torch.equal(inverted.latents["decoder"][0], inverted.latents["decoder"][1])
+
+
+def test_interpolate_shares_noise_and_hits_both_ends(pipe):
+    a, b = Image.new("RGB", (16, 16), (220, 30, 30)), Image.new("RGB", (16, 16), (30, 70, 220))
+    out = pipe.interpolate(a, b, frames=4, seed=0, **FAST)
+    assert len(out.images) == 4
+    noise = out.latents["decoder"]
+    assert all(torch.equal(noise[0], noise[i]) for i in range(4))
+    ends = pipe.encode_image([a, b])
+    assert torch.allclose(out.image_emb[0], ends[0], atol=1e-5) and torch.allclose(out.image_emb[-1], ends[1], atol=1e-5)
+    words = pipe.interpolate("a red circle", "a blue square", frames=3, **FAST)
+    assert len(words.images) == 3
+    with pytest.raises(ValueError, match="at least 2 frames"):
+        pipe.interpolate(a, b, frames=1)
+
+
+def test_edit_amount_zero_reproduces_the_unedited_image(pipe):
+    picture = Image.new("RGB", (16, 16), (220, 30, 30))
+    out = pipe.edit(picture, "a red circle", "a blue circle", amount=[0.0, 0.5], invert=True, **FAST)
+    noise = out.latents["decoder"][:1]
+    unedited = pipe.decode(pipe.encode_image([picture]), latents={"decoder": noise}, seeds=[0],
+                           settings=out.info["settings"])
+    assert np.array_equal(pixels(out.images[:1]), pixels(unedited.images))
+    assert not torch.allclose(out.image_emb[0], out.image_emb[1])
+    with pytest.raises(ValueError, match="same embedding"):
+        pipe.edit(picture, "a red circle", "a red circle", amount=0.3, **FAST)
+
+
+def test_mix_of_inputs(pipe):
+    out = pipe.mix(["a red circle", Image.new("RGB", (16, 16), (30, 70, 220))], weights=[1, 3], num_images=2, **FAST)
+    assert len(out.images) == 2 and torch.allclose(out.image_emb.norm(dim=-1), torch.ones(2), atol=1e-5)
+
+
+def test_slerp_stays_on_the_sphere_and_hits_both_ends():
+    a, b = torch.nn.functional.normalize(torch.randn(2, 32), dim=-1)
+    path = slerp(a, b, torch.linspace(0, 1, 9))
+    assert torch.allclose(path.norm(dim=-1), torch.ones(9), atol=1e-5)
+    assert torch.allclose(path[0], a, atol=1e-6) and torch.allclose(path[-1], b, atol=1e-6)
+    angles = torch.arccos((path[:-1] * path[1:]).sum(-1).clamp(-1, 1))
+    assert torch.allclose(angles, angles.mean().expand(8), atol=1e-4)  # constant speed along the great circle
+    lerp_mid = torch.nn.functional.normalize((a + b) / 2, dim=-1)
+    assert torch.allclose(slerp(a, b, 0.5), lerp_mid, atol=1e-5)  # the midpoint is the normalised mean
+    assert torch.allclose(mix(torch.stack([a, b]), [1, 0]), a, atol=1e-6)
+    edited = text_diff(a, a, b, 0.0)
+    assert torch.allclose(edited, a, atol=1e-6)
+
+
+def test_missing_component_and_mismatched_sizes(pipe, tmp_path):
+    pipe.save_pretrained(tmp_path / "m")
+    shutil.rmtree(tmp_path / "m" / "decoder")
+    (tmp_path / "m" / "model_index.json").unlink()
+    with pytest.raises(ValueError, match="no decoder/ component"):
+        UnCLIPPipeline.from_pretrained(tmp_path / "m")
+    with pytest.raises(ValueError, match="no model folder"):
+        UnCLIPPipeline.from_pretrained(tmp_path / "nowhere")
+    from prior.config import PriorConfig
+    from prior.model import DiffusionPrior
+    wrong = DiffusionPrior(PriorConfig(embed_dim=8, text_width=32, context_length=16, width=32, depth=1, heads=2))
+    with pytest.raises(ValueError, match="different models"):
+        UnCLIPPipeline(pipe.clip, wrong, pipe.decoder, pipe.upsamplers)
+
+
+def test_bad_settings_fail_loudly(pipe):
+    with pytest.raises(ValueError, match="unknown sampler"):
+        pipe("a red circle", decoder_sampler="nope")
+    with pytest.raises(ValueError, match="at least 1"):
+        pipe("a red circle", prior_steps=0)
+    with pytest.raises(ValueError, match="finite"):
+        pipe("a red circle", decoder_guidance=float("nan"))
+    with pytest.raises(ValueError, match="empty prompt"):
+        pipe("   ")
+    with pytest.raises(ValueError, match="not found"):
+        pipe.vary("/no/such/picture.png")

@@ -1,0 +1,363 @@
+"""UnCLIPPipeline: prompts or pictures in, PIL images out — generate, vary, interpolate, mix, edit.
+
+Stages, each its own function: `sample_prior` (text -> image_emb), `sample_decoder` (image_emb [+ text]
+-> base image), `upsample` (base -> 2x/4x). This class only wires them, seeds them and converts images.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from PIL import Image
+
+from decoder.config import noise_schedule
+from decoder.model import Decoder
+from decoder.sample import sample_decoder, upsample
+from decoder.upsampler import Upsampler
+from prior.model import DiffusionPrior
+from prior.sample import sample_prior
+
+from .checkpoint import read_model_index, write_model_index
+from .clip import ClipEncoder
+from .images import load_image, pil_to_tensor, tensor_to_pil
+from .interpolation import mix, slerp, text_diff
+from .hub import resolve_model
+from .sampling import denoise, guided
+from .schedulers import make_scheduler, scheduler_names
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class SamplingSettings:
+    """Per-stage samplers, step counts and guidance; everything that, with the seed, fixes an image."""
+    prior_sampler: str = "ddim"
+    prior_steps: int = 25
+    prior_guidance: float = 2.0           # measured best for cos(pred, true) on shapes (1-2 > 4)
+    candidates: int = 2                   # prior samples per prompt; keep the one closest to the text
+    decoder_sampler: str = "ddim"
+    decoder_steps: int = 25
+    decoder_guidance: float = 3.0         # image-embedding guidance
+    text_guidance: float | None = None    # text guidance (None: the same as decoder_guidance)
+    eta: float | None = None              # DDIM eta (0: deterministic)
+    dynamic_threshold: float | None = None  # Imagen's dynamic thresholding percentile, e.g. 0.995
+    upsampler_sampler: str = "ddim"
+    upsampler_steps: int = 10
+    aug_level: float = 0.0                # noise-augmentation level given to the upsamplers
+
+    def __post_init__(self):
+        for name in ("prior_sampler", "decoder_sampler", "upsampler_sampler"):
+            make_scheduler(getattr(self, name))  # raises ValueError for unknown names
+        for name in ("prior_steps", "decoder_steps", "upsampler_steps", "candidates"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name.replace('_', ' ')} must be at least 1, got {getattr(self, name)}")
+        for name in ("prior_guidance", "decoder_guidance", "text_guidance", "eta", "dynamic_threshold", "aug_level"):
+            value = getattr(self, name)
+            if value is not None and not torch.isfinite(torch.tensor(float(value))):
+                raise ValueError(f"{name.replace('_', ' ')} must be a finite number, got {value}")
+        if self.dynamic_threshold is not None and not 0.5 < self.dynamic_threshold <= 1.0:
+            raise ValueError(f"dynamic threshold is a percentile in (0.5, 1], got {self.dynamic_threshold}")
+
+
+@dataclass
+class UnCLIPOutput:
+    """PIL images plus every stage's output, so each stage can be re-run from the one before."""
+    images: list[Image.Image]
+    image_emb: torch.Tensor                   # [N, D] what the decoder was conditioned on
+    base: torch.Tensor                        # [N, 3, s, s] decoder output in [-1, 1]
+    latents: dict[str, torch.Tensor] = field(default_factory=dict)  # initial noise per stage
+    text_emb: torch.Tensor | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+class UnCLIPPipeline:
+    """CLIP + prior + decoder + upsamplers, loaded from one model folder."""
+
+    def __init__(self, clip: ClipEncoder, prior: DiffusionPrior | None, decoder: Decoder,
+                 upsamplers: Sequence[Upsampler] = (), model_id: str = ""):
+        self.clip, self.prior, self.decoder = clip.eval(), prior.eval() if prior else None, decoder.eval()
+        self.upsamplers = sorted(upsamplers, key=lambda u: u.config.image_size)
+        self.model_id = model_id
+        self.device, self.dtype = torch.device("cpu"), torch.float32
+        self.progress = True
+        _check_sizes(self)
+
+    # ---------------------------------------------------------------- loading and saving
+
+    @classmethod
+    def from_pretrained(cls, path_or_name: str | os.PathLike) -> "UnCLIPPipeline":
+        """Load a model folder, a bundled model by name ("emoji", "shapes") or a hub id (with a network)."""
+        folder = resolve_model(path_or_name)
+        index = read_model_index(folder)
+        components = index.get("components", {})
+        for needed in ("clip", "decoder"):
+            if needed not in components:
+                raise ValueError(f"model folder {folder} has no {needed}/ component "
+                                 f"(found: {', '.join(components) or 'nothing'}); train it with `unclip train {needed}`")
+        ups = [Upsampler.load(folder / name) for name, kind in components.items() if kind == "upsampler"]
+        prior = DiffusionPrior.load(folder / "prior") if "prior" in components else None
+        return cls(ClipEncoder.load(folder / "clip"), prior, Decoder.load(folder / "decoder"), ups,
+                   model_id=str(path_or_name))
+
+    def save_pretrained(self, path: str | os.PathLike, dtype: torch.dtype | None = None) -> None:
+        """Write every component folder and model_index.json (weights as safetensors, optionally fp16)."""
+        path = Path(path)
+        self.clip.save(path / "clip", dtype=dtype)
+        if self.prior is not None:
+            self.prior.save(path / "prior", dtype=dtype)
+        self.decoder.save(path / "decoder", dtype=dtype)
+        for up in self.upsamplers:
+            up.save(path / f"upsampler_{up.config.image_size}", dtype=dtype)
+        components = {"clip": "clip", "decoder": "decoder", **({"prior": "prior"} if self.prior else {}),
+                      **{f"upsampler_{u.config.image_size}": "upsampler" for u in self.upsamplers}}
+        write_model_index(path, components, clip=dataclasses.asdict(self.clip.config) | {"vision": {}, "text": {}})
+
+    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | str | None = None):
+        """Move every component; `dtype` (fp32 / bf16 / fp16) sets the autocast precision of the networks."""
+        if device is not None:
+            self.device = torch.device(device)
+            for module in self.modules():
+                module.to(self.device)
+        if dtype is not None:
+            dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+            if dtype not in DTYPES.values():
+                raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype}")
+            self.dtype = dtype
+        return self
+
+    def modules(self) -> list[torch.nn.Module]:
+        return [m for m in (self.clip, self.prior, self.decoder, *self.upsamplers) if m is not None]
+
+    def set_progress_bar_config(self, disable: bool = False) -> None:
+        self.progress = not disable
+
+    @property
+    def image_size(self) -> int:
+        return self.upsamplers[-1].config.image_size if self.upsamplers else self.decoder.config.image_size
+
+    # ---------------------------------------------------------------- the building blocks (public)
+
+    def encode_text(self, prompts: str | Sequence[str]):
+        """Prompts -> (text_emb [B, D], text_tokens [B, L, W], mask [B, L])."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        return self.clip.encode_text(prompts)
+
+    def encode_image(self, images) -> torch.Tensor:
+        """Paths, PIL images or a [B, 3, H, W] tensor in [-1, 1] -> image_emb [B, D] (unit length)."""
+        return self.clip.encode_image(_as_images(images))
+
+    def sample_image_emb(self, prompts, settings: SamplingSettings, seeds: Sequence[int] | None = None,
+                         generator: torch.Generator | None = None, negative_prompt: str | None = None,
+                         latents: torch.Tensor | None = None, text=None):
+        """The prior stage: prompts -> image_emb [B, D] (and the prior's initial latents)."""
+        if self.prior is None:
+            raise ValueError("this model has no prior/ component: use prior_free=True or train one "
+                             "with `unclip train prior`")
+        text = text or self.encode_text(prompts)
+        b = text[0].shape[0]
+        if latents is None:
+            latents = self._noise((settings.candidates, self.prior.config.embed_dim), b, seeds, generator, "prior")
+        negative = self.encode_text([negative_prompt]) if negative_prompt else None
+        with torch.inference_mode(), self._autocast():
+            out = sample_prior(self.prior, *text, scheduler=settings.prior_sampler, num_steps=settings.prior_steps,
+                               guidance_scale=settings.prior_guidance, candidates=settings.candidates,
+                               latents=latents.to(self.device), negative=negative, eta=settings.eta,
+                               generator=generator, progress=self.progress)
+        return out["image_emb"].float(), latents
+
+    def decode(self, image_emb: torch.Tensor, text=None, settings: SamplingSettings | dict | None = None,
+               seeds: Sequence[int] | None = None, generator: torch.Generator | None = None,
+               latents: dict[str, torch.Tensor] | None = None, prior_free: bool = False) -> UnCLIPOutput:
+        """Decoder + upsamplers: image_emb [B, D] (and optional text encodings) -> images.
+
+        `latents` maps "decoder" and "upsampler_<size>" to initial noise; missing ones are drawn from
+        `seeds` (one per image) or `generator`.
+        """
+        settings = SamplingSettings(**settings) if isinstance(settings, dict) else settings or SamplingSettings()
+        latents = dict(latents or {})
+        b = image_emb.shape[0]
+        s = self.decoder.config.image_size
+        latents.setdefault("decoder", self._noise((3, s, s), b, seeds, generator, "decoder"))
+        tokens, mask = (text[1], text[2]) if text is not None else (None, None)
+        with torch.inference_mode(), self._autocast():
+            base = sample_decoder(self.decoder, image_emb.to(self.device), tokens, mask,
+                                  scheduler=settings.decoder_sampler, num_steps=settings.decoder_steps,
+                                  guidance_scale=settings.decoder_guidance, text_guidance_scale=settings.text_guidance,
+                                  eta=settings.eta, dynamic_threshold=settings.dynamic_threshold, generator=generator, latents=latents["decoder"].to(self.device),
+                                  prior_free=prior_free, progress=self.progress)["images"].float()
+            x = base
+            for up in self.upsamplers:
+                name = f"upsampler_{up.config.image_size}"
+                size = up.config.image_size
+                latents.setdefault(name, self._noise((3, size, size), b, seeds, generator, name))
+                x = upsample(up, x, scheduler=settings.upsampler_sampler, num_steps=settings.upsampler_steps,
+                             aug_level=settings.aug_level, generator=generator,
+                             latents=latents[name].to(self.device), progress=self.progress).float()
+        return UnCLIPOutput(images=tensor_to_pil(x), image_emb=image_emb, base=base, latents=latents,
+                            text_emb=text[0] if text is not None else None)
+
+    # ---------------------------------------------------------------- the uses
+
+    def __call__(self, prompt, **kwargs) -> UnCLIPOutput:
+        return self.generate(prompt, **kwargs)
+
+    def generate(self, prompts: str | Sequence[str], num_images: int = 1, negative_prompt: str | None = None,
+                 seed: int | None = None, generator: torch.Generator | None = None, prior_free: bool = False,
+                 image_emb: torch.Tensor | None = None, latents: dict | None = None, **settings) -> UnCLIPOutput:
+        """Prompt(s) -> `num_images` images each (prior, then decoder, then upsamplers)."""
+        settings = SamplingSettings(**settings)
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if num_images < 1:
+            raise ValueError(f"num_images must be at least 1, got {num_images}")
+        prompts = [p for p in prompts for _ in range(num_images)]
+        seeds = _seeds(seed, len(prompts), generator)
+        text = self.encode_text(prompts)
+        latents = dict(latents or {})
+        if prior_free:
+            image_emb = torch.zeros(len(prompts), self.clip.embed_dim, device=self.device)
+        elif image_emb is None:
+            image_emb, latents["prior"] = self.sample_image_emb(prompts, settings, seeds, generator,
+                                                                negative_prompt, latents.get("prior"), text)
+        out = self.decode(image_emb, text, settings, seeds, generator, latents, prior_free=prior_free)
+        out.info = self._info("generate", settings, seed, prompts=prompts, negative_prompt=negative_prompt,
+                              prior_free=prior_free)
+        return out
+
+    def vary(self, images, num_images: int = 1, seed: int | None = None, generator: torch.Generator | None = None,
+             invert: bool = False, latents: dict | None = None, **settings) -> UnCLIPOutput:
+        """Variations of pictures: decode their CLIP image embedding with fresh noise, or with the picture's
+        DDIM-inverted noise (`invert=True`) to keep its layout."""
+        settings = SamplingSettings(**settings)
+        pictures = _as_images(images)
+        image_emb = self.encode_image(pictures).repeat_interleave(num_images, dim=0)
+        latents = dict(latents or {})
+        if invert:
+            noise = self.invert(pictures, settings).repeat_interleave(num_images, dim=0)
+            latents.setdefault("decoder", noise)
+        seeds = _seeds(seed, image_emb.shape[0], generator)
+        out = self.decode(image_emb, None, settings, seeds, generator, latents)
+        out.info = self._info("vary", settings, seed, invert=invert)
+        return out
+
+    def invert(self, images, settings: SamplingSettings | None = None) -> torch.Tensor:
+        """DDIM inversion (Song et al. 2021): the decoder noise [B, 3, s, s] that re-creates these pictures."""
+        settings = settings or SamplingSettings()
+        pictures = _as_images(images)
+        s = self.decoder.config.image_size
+        x0 = pil_to_tensor(pictures, s).to(self.device)
+        image_emb = self.encode_image(pictures)
+        null = torch.ones(len(pictures), dtype=torch.bool, device=self.device)
+        cond = {"image_emb": image_emb, "text_tokens": None, "mask": None, "force_drop_text": null}
+        scheduler = make_scheduler("ddim-inverse", noise_schedule(self.decoder.config))
+        with torch.inference_mode(), self._autocast():
+            return denoise(guided(self.decoder, [cond], []), x0, scheduler, settings.decoder_steps,
+                           progress=self.progress, desc="invert").float()
+
+    def embed(self, item) -> torch.Tensor:
+        """A prompt or a picture (path, PIL image) -> its image embedding [D] (prompts through the prior)."""
+        if isinstance(item, str) and not Path(item).is_file():
+            emb, _ = self.sample_image_emb([item], SamplingSettings(), seeds=[0])
+            return emb[0]
+        return self.encode_image([item])[0]
+
+    def interpolate(self, a, b, frames: int = 8, seed: int | None = 0, generator=None,
+                    **settings) -> UnCLIPOutput:
+        """Frames along the great circle between two prompts or pictures, with the decoder noise held fixed."""
+        if frames < 2:
+            raise ValueError(f"interpolation needs at least 2 frames, got {frames}")
+        path = slerp(self.embed(a), self.embed(b), torch.linspace(0, 1, frames))   # [T, D]
+        out = self._decode_fixed_noise(path, seed, generator, SamplingSettings(**settings))
+        out.info = self._info("interpolate", out.info["settings"], seed, a=str(a), b=str(b), frames=frames)
+        return out
+
+    def mix(self, items: Sequence, weights: Sequence[float] | None = None, num_images: int = 1,
+            seed: int | None = 0, generator=None, **settings) -> UnCLIPOutput:
+        """Images from a weighted mix of several prompts' / pictures' embeddings."""
+        weights = weights or [1.0] * len(items)
+        emb = mix(torch.stack([self.embed(item) for item in items]), weights)
+        seeds = _seeds(seed, num_images, generator)
+        out = self.decode(emb[None].repeat(num_images, 1), None, SamplingSettings(**settings), seeds, generator)
+        out.info = self._info("mix", SamplingSettings(**settings), seed, items=[str(i) for i in items],
+                              weights=list(weights))
+        return out
+
+    def edit(self, image, from_text: str, to_text: str, amount: float | Sequence[float] = 0.3,
+             seed: int | None = 0, generator=None, invert: bool = True, **settings) -> UnCLIPOutput:
+        """DALL-E 2 text diffs: move the picture's embedding toward norm(text(to) - text(from)).
+
+        `amount` (θ in [0, 1]; the paper shows 0–0.5) may be a list for a sweep. The decoder noise is held
+        fixed across amounts: the picture's DDIM-inverted noise when `invert`, else seeded noise.
+        """
+        settings = SamplingSettings(**settings)
+        picture = _as_images([image])
+        (from_emb, to_emb) = self.encode_text([from_text, to_text])[0]
+        amounts = [amount] if isinstance(amount, (int, float)) else list(amount)
+        path = text_diff(self.encode_image(picture)[0], from_emb, to_emb, amounts)   # [T, D]
+        noise = self.invert(picture, settings) if invert else None
+        out = self._decode_fixed_noise(path, seed, generator, settings, noise)
+        out.info = self._info("edit", settings, seed, from_text=from_text, to_text=to_text, amount=amounts,
+                              invert=invert)
+        return out
+
+    # ---------------------------------------------------------------- helpers
+
+    def _decode_fixed_noise(self, image_emb, seed, generator, settings, noise=None) -> UnCLIPOutput:
+        """Decode each row of image_emb [T, D] from the same decoder (and upsampler) noise."""
+        t = image_emb.shape[0]
+        seeds = [seed if seed is not None else 0] * t
+        latents = {"decoder": noise.expand(t, -1, -1, -1)} if noise is not None else None
+        out = self.decode(image_emb, None, settings, seeds, generator, latents)
+        out.info = {"settings": settings}
+        return out
+
+    def _noise(self, shape: tuple, batch: int, seeds, generator, stage: str) -> torch.Tensor:
+        """[B, *shape] unit Gaussian noise on the CPU: per-image seeds make image i independent of the batch."""
+        if seeds is not None:
+            offset = {"prior": 0, "decoder": 1}.get(stage, 2 + len(stage))
+            return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s * 1000 + offset))
+                                for s in seeds])
+        return torch.randn((batch, *shape), generator=generator)
+
+    def _autocast(self):
+        if self.dtype == torch.float32:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    def _info(self, command: str, settings: SamplingSettings, seed, **inputs) -> dict:
+        return {"command": command, "model": self.model_id, "seed": seed,
+                "settings": dataclasses.asdict(settings), **inputs}
+
+
+def _seeds(seed: int | None, n: int, generator) -> list[int] | None:
+    if seed is None:
+        return None if generator is not None else _seeds(int(torch.randint(0, 2**31 - 1, ())), n, None)
+    return [seed + i for i in range(n)]
+
+
+def _as_images(images) -> list[Image.Image] | torch.Tensor:
+    if isinstance(images, torch.Tensor):
+        return images
+    if isinstance(images, (str, os.PathLike, Image.Image)):
+        images = [images]
+    return [load_image(i) if isinstance(i, (str, os.PathLike)) else i for i in images]
+
+
+def _check_sizes(pipe: UnCLIPPipeline) -> None:
+    """Components trained against another CLIP (or stages that do not chain) fail here, not mid-sampling."""
+    d = pipe.clip.embed_dim
+    for name, module in (("prior", pipe.prior), ("decoder", pipe.decoder)):
+        if module is not None and module.config.embed_dim != d:
+            raise ValueError(f"the {name} expects {module.config.embed_dim}-d CLIP embeddings but the CLIP gives "
+                             f"{d}-d: the components come from different models")
+    size = pipe.decoder.config.image_size
+    for up in pipe.upsamplers:
+        if up.config.low_res_size != size:
+            raise ValueError(f"upsampler_{up.config.image_size} expects {up.config.low_res_size} px input, "
+                             f"but the stage before gives {size} px")
+        size = up.config.image_size
