@@ -651,6 +651,55 @@ def info(model):
     from unclip.info import describe
 
     click.echo(describe(model))
+@eval_.command("model")
+@click.option("--model", required=True, help="Model folder or bundled name.")
+@click.option("--data", "test", type=click.Path(exists=True, file_okay=False), required=True,
+              help="Held-out pairs (e.g. data/shapes/test).")
+@click.option("--train-data", type=click.Path(exists=True, file_okay=False), required=True,
+              help="Training pairs (for the nearest-training-image baseline).")
+@click.option("--n", type=click.IntRange(min=2), default=200, show_default=True, help="Held-out captions to generate.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="Write the report as JSON.")
+@click.option("--markdown", type=click.Path(dir_okay=False), default=None,
+              help="Write (or replace) this model's section in a Markdown report, e.g. docs/MODELS.md.")
+@click.option("--name", default=None, help="Section title [default: the model name].")
+@click.option("--grid", type=click.Path(dir_okay=False), default=None, help="Write a sample grid PNG.")
+@friendly_errors
+def eval_model(model, test, train_data, n, seed, json_out, markdown, name, grid):
+    """Quality report: prior cosines, CLIP R-precision, FD in CLIP space, shapes oracle.
+
+    \b
+    unclip eval model --model shapes --data data/shapes/test --train-data data/shapes/train --markdown docs/MODELS.md
+    """
+    import json
+
+    from unclip.config import write_json
+    from unclip.eval.report import evaluate_model, markdown as to_markdown, update_markdown
+
+    report = evaluate_model(model, test, train_data, n=n, seed=seed, grid=grid)
+    if json_out:
+        write_json(json_out, report)
+    if markdown:
+        update_markdown(markdown, name or str(model), to_markdown(name or str(model), report))
+    click.echo(json.dumps(report, indent=2))
+
+
+@train.command("recipe")
+@click.argument("recipe", type=click.Path(exists=True, dir_okay=False))
+@click.option("--out", type=click.Path(file_okay=False), required=True, help="Run folder (data, runs, model, export).")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+@friendly_errors
+def train_recipe(recipe, out, quiet):
+    """Build a whole model from a recipe (configs/*.json); re-run the same command to resume.
+
+    \b
+    nohup unclip train recipe configs/shapes.json --out runs/shapes &
+    """
+    from unclip.recipe import run_recipe
+
+    records = run_recipe(recipe, out, progress=not quiet, log=click.echo)
+    for stage, record in records.items():
+        click.echo(f"{stage:10s} {record['wall_s']:8.0f} s")
 # PIPELINE-COMMANDS-END
 
 

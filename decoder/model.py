@@ -181,5 +181,6 @@ class Decoder(nn.Module):
         """Load a `decoder/` component folder (eval mode, float32)."""
         config, state_dict = load_component(folder, "decoder", DecoderConfig)
         model = cls(config)
-        load_weights_into(model, {k: v.float() if v.is_floating_point() else v for k, v in state_dict.items()}, str(folder))
+        state_dict = {k: v.float() if v.is_floating_point() else v for k, v in state_dict.items()}
+        load_weights_into(model, state_dict, str(folder))
         return model.eval()

@@ -190,5 +190,5 @@ def train_upsampler(model_dir: str | os.PathLike, data, size: int = 64, *, train
     info = {"upsampler": config_to_dict(config), "data": None if isinstance(data, (Dataset, IterableDataset))
             else str(data), "size": size}
     return train(Upsampler(config), upsampler_loss, train_set, run_dir, train_config,
-                 hooks=upsampler_hooks(model_dir, folder, torch.stack(shown), sample_steps), resume=resume, extra_info=info,
-                 progress=progress)
+                 hooks=upsampler_hooks(model_dir, folder, torch.stack(shown), sample_steps), resume=resume,
+                 extra_info=info, progress=progress)

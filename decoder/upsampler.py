@@ -132,9 +132,8 @@ class Upsampler(nn.Module):
         B = x_t.shape[0]
         t = torch.as_tensor(t, device=x_t.device).reshape(-1).expand(B)                    # [B]
         level = torch.as_tensor(aug_level, dtype=torch.float32, device=x_t.device).reshape(-1).expand(B)  # [B]
-        up = F.interpolate(low_res.to(x_t.dtype), size=x_t.shape[-2:], mode="bicubic",
-                           align_corners=False)                                             # [B, 3, s, s] -> [B, 3, S, S]
-        h = torch.cat([x_t, up], dim=1)                                                     # [B, 6, S, S]
+        up = F.interpolate(low_res.to(x_t.dtype), size=x_t.shape[-2:], mode="bicubic", align_corners=False)
+        h = torch.cat([x_t, up], dim=1)              # [B, 3, S, S] + upsampled [B, 3, s, s] -> [B, 6, S, S]
         # the level goes through the UNet's timestep features (x num_train_timesteps) and is added to the
         # time embedding: class_embed_type="timestep"
         return self.unet(h, t, class_labels=level * self.config.num_train_timesteps).sample
@@ -149,6 +148,6 @@ class Upsampler(nn.Module):
         """Load an `upsampler_{S}/` component folder (eval mode, float32)."""
         config, state_dict = load_component(folder, "upsampler", UpsamplerConfig)
         model = cls(config)
-        load_weights_into(model, {k: v.float() if v.is_floating_point() else v for k, v in state_dict.items()},
-                          str(folder))
+        state_dict = {k: v.float() if v.is_floating_point() else v for k, v in state_dict.items()}
+        load_weights_into(model, state_dict, str(folder))
         return model.eval()

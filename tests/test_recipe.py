@@ -1,0 +1,71 @@
+"""The model recipe (data -> CLIP -> embeddings -> prior -> decoder -> upsampler -> export) and the report."""
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+import cli
+from unclip.eval.report import markdown, update_markdown
+from unclip.recipe import describe_stages, load_recipe
+
+TINY_TRAIN = {"steps": 2, "batch_size": 8, "warmup_steps": 1, "checkpoint_every": 1, "log_every": 1}
+RECIPE = {
+    "name": "tiny",
+    "threads": 1,
+    "data": {"builder": "shapes", "n": 80, "seed": 0},
+    "clip": {"preset": "tiny-32", "heldout": 0.1, "train": TINY_TRAIN},
+    "embeddings": {},
+    "prior": {"preset": "tiny", "train": TINY_TRAIN},
+    "decoder": {"preset": "tiny", "config": {"block_out_channels": [32, 32], "attention_levels": [False, True],
+                                            "layers_per_block": 1}, "train": TINY_TRAIN},
+    "upsampler": {"size": 64, "preset": "tiny-64", "config": {"block_out_channels": [32, 32],
+                                                              "attention_levels": [False, False]},
+                  "train": TINY_TRAIN},
+    "export": {},
+}
+
+
+def test_recipe_runs_every_stage_resumes_and_reports(tmp_path):
+    path = tmp_path / "tiny.json"
+    path.write_text(json.dumps(RECIPE))
+    runner = CliRunner()
+    result = runner.invoke(cli.main, ["train", "recipe", str(path), "--out", str(tmp_path / "run"), "--quiet"])
+    assert result.exit_code == 0, result.output
+    stages = [s["stage"] for s in describe_stages(tmp_path / "run")]
+    assert stages == ["data", "clip", "embeddings", "prior", "decoder", "upsampler", "export"]
+    export = tmp_path / "run" / "export"
+    index = json.loads((export / "model_index.json").read_text())
+    assert set(index["components"]) == {"clip", "prior", "decoder", "upsampler_64"}
+    again = runner.invoke(cli.main, ["train", "recipe", str(path), "--out", str(tmp_path / "run"), "--quiet"])
+    assert again.exit_code == 0 and "stage" not in again.output.split("data")[0]  # nothing re-run
+
+    report_md = tmp_path / "MODELS.md"
+    result = runner.invoke(cli.main, ["eval", "model", "--model", str(export), "--data",
+                                      str(tmp_path / "run" / "data" / "test"), "--train-data",
+                                      str(tmp_path / "run" / "data" / "train"), "--n", "4", "--markdown",
+                                      str(report_md), "--name", "tiny", "--grid", str(tmp_path / "grid.png")])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert set(report["shapes"]) >= {"overall", "single", "placed", "relation", "count", "held_out"}
+    assert 0 <= report["images"]["r_precision"]["top1"] <= 1 and report["images"]["fd_generated"] >= 0
+    assert "## tiny" in report_md.read_text() and (tmp_path / "grid.png").is_file()
+
+
+def test_recipe_validation(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"name": "x", "decoderr": {}}))
+    with pytest.raises(ValueError, match="unknown recipe sections"):
+        load_recipe(bad)
+    bad.write_text(json.dumps({"name": "x", "clip": {"train": {"stepz": 3}}}))
+    with pytest.raises(ValueError, match="unknown config keys"):
+        load_recipe(bad)
+
+
+def test_markdown_sections_are_replaced(tmp_path):
+    path = tmp_path / "M.md"
+    update_markdown(path, "a", "## a\n\nfirst\n")
+    update_markdown(path, "b", "## b\n\nother\n")
+    update_markdown(path, "a", "## a\n\nsecond\n")
+    text = path.read_text()
+    assert "second" in text and "first" not in text and text.index("## b") < text.index("## a")

@@ -1,0 +1,157 @@
+"""One resumable command per bundled model: data -> CLIP -> embeddings -> prior -> decoder -> upsampler -> export.
+
+A recipe is a JSON file under configs/. Each stage runs the ordinary training entry point with resume on,
+writes `OUT/stages/<stage>.json` (wall time, metrics) when it completes, and is skipped after that, so
+`unclip train recipe configs/shapes.json --out runs/shapes` can be killed and re-run at any point.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from .checkpoint import update_model_index
+from .config import config_from_dict, read_json, write_json
+from .training import TrainConfig
+
+STAGES = ("data", "clip", "embeddings", "prior", "decoder", "upsampler", "export")
+
+
+def load_recipe(path: str | os.PathLike) -> dict:
+    """Read and check a recipe JSON (stage sections must be known; train settings must fit TrainConfig)."""
+    recipe = read_json(path)
+    unknown = sorted(set(recipe) - set(STAGES) - {"name", "threads", "description"})
+    if unknown:
+        raise ValueError(f"{path}: unknown recipe sections {unknown} (known: {', '.join(STAGES)})")
+    for stage in ("clip", "prior", "decoder", "upsampler"):
+        if stage in recipe:
+            config_from_dict(TrainConfig, recipe[stage].get("train", {}))
+    return recipe
+
+
+def run_recipe(recipe_path: str | os.PathLike, out: str | os.PathLike, progress: bool = True,
+               log: Callable[[str], None] = print) -> dict:
+    """Run (or continue) every stage of a recipe; returns {stage: record}."""
+    recipe, out = load_recipe(recipe_path), Path(out)
+    (out / "stages").mkdir(parents=True, exist_ok=True)
+    if recipe.get("threads"):
+        torch.set_num_threads(int(recipe["threads"]))
+    runners = {"data": _data, "clip": _clip, "embeddings": _embeddings, "prior": _prior, "decoder": _decoder,
+               "upsampler": _upsampler, "export": _export}
+    records = {}
+    for stage in STAGES:
+        done = out / "stages" / f"{stage}.json"
+        if stage not in recipe:
+            continue
+        if done.is_file():
+            records[stage] = read_json(done)
+            continue
+        log(f"[{recipe.get('name', 'recipe')}] stage {stage} ...")
+        start = time.perf_counter()
+        metrics = runners[stage](recipe, out, progress) or {}
+        records[stage] = {"wall_s": round(time.perf_counter() - start, 1), "metrics": metrics}
+        write_json(done, records[stage])
+        log(f"[{recipe.get('name', 'recipe')}] stage {stage} done in {records[stage]['wall_s']:.0f} s")
+    return records
+
+
+def _train_config(recipe: dict, stage: str) -> TrainConfig:
+    return config_from_dict(TrainConfig, recipe[stage].get("train", {}))
+
+
+def _data_dir(out: Path) -> Path:
+    return out / "data"
+
+
+def _train_data(recipe: dict, out: Path) -> Path:
+    section = recipe["data"]
+    if section.get("path"):
+        return Path(section["path"])
+    return _data_dir(out) / "train" if section["builder"] == "shapes" else _data_dir(out)
+
+
+def _data(recipe: dict, out: Path, progress: bool) -> dict:
+    section = dict(recipe["data"])
+    if section.get("path"):
+        return {"path": section["path"]}
+    target = _data_dir(out)
+    if target.exists():  # an interrupted build: builders write from scratch, and they are fast
+        shutil.rmtree(target)
+    builder = section.pop("builder")
+    if builder == "shapes":
+        from .data.shapes import build_shapes
+        return build_shapes(target, progress=progress, **section)
+    if builder == "emoji":
+        from .data.emoji import build_emoji
+        return build_emoji(target, progress=progress, **section)
+    raise ValueError(f"unknown data builder {builder!r} (shapes, emoji)")
+
+
+def _clip(recipe: dict, out: Path, progress: bool) -> dict:
+    from .clip_training import train_clip
+    section = recipe["clip"]
+    return train_clip(_train_data(recipe, out), out / "model", _train_config(recipe, "clip"),
+                      preset=section.get("preset", "tiny-32"), run_dir=out / "runs" / "clip", resume=True,
+                      heldout_fraction=section.get("heldout", 0.05), progress=progress)
+
+
+def _embeddings(recipe: dict, out: Path, progress: bool) -> dict:
+    from .clip import ClipEncoder
+    from .data.datasets import open_dataset
+    from .data.embeddings import write_embeddings
+    clip = ClipEncoder.load(out / "model" / "clip")
+    dataset = open_dataset(_train_data(recipe, out), clip.image_size)
+    return write_embeddings(clip, dataset, out / "embeddings", progress=progress,
+                            **recipe["embeddings"].get("options", {}))
+
+
+def _prior(recipe: dict, out: Path, progress: bool) -> dict:
+    from prior.training import train_prior
+    source = {"embeddings": out / "embeddings"} if "embeddings" in recipe else {"data": _train_data(recipe, out)}
+    train_prior(out / "model", train_config=_train_config(recipe, "prior"), preset=recipe["prior"].get("preset", "tiny"),
+                run_dir=out / "runs" / "prior", resume=True, progress=progress, **source)
+    return {}
+
+
+def _decoder(recipe: dict, out: Path, progress: bool) -> dict:
+    from decoder.config import decoder_preset
+    from decoder.training import train_decoder
+    section = recipe["decoder"]
+    config = decoder_preset(section.get("preset", "tiny"), **section.get("config", {}))
+    train_decoder(out / "model", _train_data(recipe, out), train_config=_train_config(recipe, "decoder"),
+                  config=config, run_dir=out / "runs" / "decoder", resume=True, progress=progress)
+    return {}
+
+
+def _upsampler(recipe: dict, out: Path, progress: bool) -> dict:
+    from decoder.config import upsampler_preset
+    from decoder.training import train_upsampler
+    section = recipe["upsampler"]
+    size = section.get("size", 64)
+    config = upsampler_preset(section.get("preset", "tiny-64"), **section.get("config", {}))
+    train_upsampler(out / "model", _train_data(recipe, out), size, train_config=_train_config(recipe, "upsampler"),
+                    config=config, run_dir=out / "runs" / f"upsampler_{size}", resume=True, progress=progress)
+    return {}
+
+
+def _export(recipe: dict, out: Path, progress: bool) -> dict:
+    """Copy the exported (EMA) components as fp16 safetensors into OUT/export (a complete model folder)."""
+    from .pipeline import UnCLIPPipeline
+    pipe = UnCLIPPipeline.from_pretrained(out / "model")
+    target = Path(recipe["export"].get("path", out / "export"))
+    pipe.save_pretrained(target, dtype=torch.float16)
+    update_model_index(target)
+    sizes = {p.parent.name: p.stat().st_size for p in target.glob("*/model.safetensors")}
+    return {"path": str(target), "bytes": sizes, "total_mib": round(sum(sizes.values()) / 2**20, 2)}
+
+
+def describe_stages(out: str | os.PathLike) -> list[dict[str, Any]]:
+    """The completed stages of a recipe run with their wall times."""
+    folder = Path(out) / "stages"
+    return [{"stage": s, **read_json(folder / f"{s}.json")} for s in STAGES if (folder / f"{s}.json").is_file()]
