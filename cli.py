@@ -702,6 +702,14 @@ def train_recipe(recipe, out, quiet):
         click.echo(f"{stage:10s} {record['wall_s']:8.0f} s")
 # PIPELINE-COMMANDS-END
 
+# ---------------------------------------------------------------- conversion of published weights (Karlo)
+# KARLO-COMMANDS-BEGIN
+# KARLO-COMMANDS-END
+
+# ---------------------------------------------------------------- scale-out helpers
+# SCALE-COMMANDS-BEGIN
+# SCALE-COMMANDS-END
+
 
 if __name__ == "__main__":
     sys.exit(main())
