@@ -16,17 +16,48 @@ import click
 
 
 def friendly_errors(fn):
-    """Turn library ValueErrors (bad input) into one-line click errors; --debug shows the traceback."""
+    """Turn library ValueErrors (bad input) and OS errors into one-line click errors, warnings into one
+    `Warning:` line each, and refuse NaN/inf numbers; --debug shows tracebacks and warnings as Python prints them."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        import warnings
+
+        debug = click.get_current_context().find_root().params.get("debug")
+        _check_finite_options(kwargs)
         try:
-            return fn(*args, **kwargs)
-        except (ValueError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as error:
-            if click.get_current_context().find_root().params.get("debug"):
+            with warnings.catch_warnings():
+                if not debug:
+                    warnings.simplefilter("ignore", FutureWarning)       # library deprecation notices: not for users
+                    warnings.simplefilter("ignore", DeprecationWarning)
+                    warnings.showwarning = _one_line_warning
+                return fn(*args, **kwargs)
+        except (ValueError, OSError) as error:
+            if debug:
                 raise
-            message = str(error).strip().splitlines()[0] if str(error).strip() else error.__class__.__name__
+            if isinstance(error, OSError) and error.filename and error.strerror:
+                message = f"{error.filename}: {error.strerror} (check the path and its permissions)"
+            else:
+                message = str(error).strip().splitlines()[0] if str(error).strip() else error.__class__.__name__
             raise click.ClickException(message) from None
     return wrapper
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None):
+    """warnings.showwarning for users: `Warning: <first line>` on stderr, no source location."""
+    text = str(message).strip().splitlines()[0] if str(message).strip() else category.__name__
+    click.echo(f"Warning: {text}", err=True)
+
+
+def _check_finite_options(kwargs: dict) -> None:
+    """NaN and inf pass click's FloatRange checks (comparisons with NaN are false): refuse them for every option."""
+    import math
+
+    params = {p.name: p for p in click.get_current_context().command.params}
+    for name, value in kwargs.items():
+        values = value if isinstance(value, (tuple, list)) else [value]
+        bad = [v for v in values if isinstance(v, float) and not math.isfinite(v)]
+        if bad:
+            raise click.BadParameter(f"must be a finite number, got {bad[0]}", param=params.get(name))
 
 
 @click.group()
@@ -202,8 +233,8 @@ def _clip_folder(path: str):
 
 
 @main.command("embed")
-@click.option("--data", "data_dir", type=click.Path(exists=True), required=True,
-              help="Folder of image/caption pairs, or webdataset shards.")
+@click.option("--data", "data_dir", required=True,
+              help="Folder of image/caption pairs, a folder of .tar shards, a shard pattern or URL (pipe: too).")
 @click.option("--clip", "clip_dir", type=click.Path(exists=True, file_okay=False), required=True,
               help="Model folder holding clip/ (or a clip/ folder itself).")
 @click.option("--out", type=click.Path(file_okay=False), required=True,
@@ -219,19 +250,26 @@ def _clip_folder(path: str):
 def embed_cmd(data_dir, clip_dir, out, shard_size, batch_size, dtype, quiet):
     """Encode image/caption pairs once with a frozen CLIP (for prior training at scale).
 
+    Webdataset shards give one output shard per input shard. Runs in parallel under `accelerate launch`
+    (process r writes shards r, r + P, ...); rerun the same command to finish an interrupted run.
+
     \b
     unclip embed --data data/shapes/train --clip models/shapes --out data/shapes-emb
+    accelerate launch --num_processes 8 -m cli embed --data 'shards/{00000..00999}.tar' --clip M --out emb
     unclip train prior --model models/shapes --embeddings data/shapes-emb
     """
+    import os
+
     from unclip.clip import ClipEncoder
     from unclip.data.datasets import open_dataset
-    from unclip.data.embeddings import write_embeddings
+    from unclip.data.embeddings import write_embeddings_distributed
 
     clip = ClipEncoder.load(_clip_folder(clip_dir)).eval()
-    result = write_embeddings(clip, open_dataset(data_dir, clip.image_size), out, shard_size=shard_size,
-                              batch_size=batch_size, dtype=dtype, progress=not quiet)
-    click.echo(f"{out}: {result['count']} pairs in {result['shards']} shards "
-               f"({result['written']} written, {result['skipped']} already complete)")
+    result = write_embeddings_distributed(clip, open_dataset(data_dir, clip.image_size), out, shard_size=shard_size,
+                                          batch_size=batch_size, dtype=dtype, progress=not quiet)
+    if int(os.environ.get("RANK", "0")) == 0:
+        click.echo(f"{out}: {result['count']} pairs in {result['shards']} shards "
+                   f"({result['written']} written, {result['skipped']} already complete)")
 
 
 @train.command("prior")
@@ -463,22 +501,27 @@ def pop_settings(kw: dict) -> dict:
 
 def check_output(out: str, count: int, grid: bool, suffixes=(".png",)) -> None:
     """Fail before sampling when the output cannot be written."""
+    import tempfile
     from pathlib import Path
 
     path = Path(out)
-    is_file = path.suffix.lower() in suffixes
-    if is_file and count > 1 and not grid and path.suffix.lower() == ".png":
+    suffix = path.suffix.lower()
+    if suffix in (".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff") and suffix not in suffixes:
+        raise click.BadParameter(f"cannot write {suffix} files: give a {' or '.join(suffixes)} file or a folder",
+                                 param_hint="-o")
+    is_file = suffix in suffixes
+    if is_file and count > 1 and not grid and suffix == ".png":
         raise click.BadParameter(f"{count} images do not fit in one .png: give a folder or --grid", param_hint="-o")
     target = path.parent if is_file else path
-    if target.exists() and not target.is_dir():
-        raise click.BadParameter(f"{target} is a file, not a folder", param_hint="-o")
     probe = target
-    while not probe.exists():
+    while not probe.exists():  # the deepest folder that exists (a file on the way is reported below)
         probe = probe.parent
-    import os
-
-    if not os.access(probe, os.W_OK):
-        raise click.BadParameter(f"cannot write to {target} (permission denied)", param_hint="-o")
+    if not probe.is_dir():
+        raise click.BadParameter(f"{probe} is a file, not a folder", param_hint="-o")
+    try:  # a real write: as root, permission bits do not tell (read-only mounts, /proc)
+        tempfile.TemporaryFile(dir=probe).close()
+    except OSError as error:
+        raise click.ClickException(f"cannot write to {target} ({error.strerror or error}); choose another -o") from None
 
 
 def write_images(output, out: str, grid: bool, metadata: list[dict]) -> list[str]:
@@ -553,12 +596,20 @@ def settings_from_png(path: str, kw: dict):
     raw = read_png_metadata(path).get("unclip")
     if not raw:
         raise click.ClickException(f"{path} carries no unclip settings (was it written by `unclip generate`?)")
-    meta = json.loads(raw)
-    if isinstance(meta, list) or meta.get("command") != "generate":
-        raise click.ClickException(f"{path} was not written by `unclip generate` for a single image")
-    kw.update(model=meta.get("model") or kw["model"], seed=int(meta["seed"]), num_images=1,
-              settings=meta["settings"])
-    return meta["prompt"], meta.get("negative_prompt"), bool(meta.get("prior_free")), kw
+    from unclip.config import config_from_dict, config_to_dict
+    from unclip.pipeline import SamplingSettings
+
+    try:
+        meta = json.loads(raw)
+        if isinstance(meta, list) or meta.get("command") != "generate":
+            raise click.ClickException(f"{path} was not written by `unclip generate` for a single image")
+        settings = config_to_dict(config_from_dict(SamplingSettings, meta["settings"]))
+        seed, prompt = int(meta["seed"]), str(meta["prompt"])
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
+        raise click.ClickException(f"{path}: damaged unclip settings ({error.__class__.__name__}: {error}); "
+                                   "give the prompt and options instead of --from-png") from None
+    kw.update(model=kw["model"] or meta.get("model"), seed=seed, num_images=1, settings=settings)
+    return prompt, meta.get("negative_prompt"), bool(meta.get("prior_free")), kw
 
 
 @main.command()
@@ -704,6 +755,37 @@ def train_recipe(recipe, out, quiet):
 
 # ---------------------------------------------------------------- conversion of published weights (Karlo)
 # KARLO-COMMANDS-BEGIN
+@main.command("convert")
+@click.argument("karlo_dir", type=click.Path(exists=True, file_okay=False))
+# Output
+@click.option("--out", type=click.Path(file_okay=False), required=True,
+              help="New unclip model folder (model_index.json + one folder per component).")
+@click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True,
+              help="Precision of the written weights (fp16 halves the size; load on a GPU).")
+# Text encoder
+@click.option("--clip", "clip_dir", type=click.Path(exists=True, file_okay=False), default=None,
+              help="A unclip clip/ folder to encode text and images with [default: the Karlo folder's text_encoder/ "
+                   "with transformers installed, else open_clip ViT-L-14 'openai', the same weights].")
+@friendly_errors
+def convert(karlo_dir, out, dtype, clip_dir):
+    """Convert published unCLIP weights (Karlo, diffusers layout) into a unclip model folder.
+
+    The converted folder gives the same images as the Karlo folder; every --model command takes either.
+
+    \b
+    huggingface-cli download kakaobrain/karlo-v1-alpha --local-dir karlo
+    unclip convert karlo --out models/karlo --dtype fp16
+    unclip generate "a red apple on a table" --model models/karlo -o apple.png
+    """
+    import torch
+
+    from unclip.clip import ClipEncoder
+    from unclip.karlo import convert_karlo
+
+    dtypes = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+    clip = ClipEncoder.load(clip_dir) if clip_dir else None
+    path = convert_karlo(karlo_dir, out, dtype=dtypes[dtype], clip=clip)
+    click.echo(f"wrote {path}")
 # KARLO-COMMANDS-END
 
 # ---------------------------------------------------------------- scale-out helpers

@@ -107,7 +107,9 @@ def _check_common(config, name: str) -> None:
 
 
 def noise_schedule(config: DecoderConfig | UpsamplerConfig) -> dict:
-    """The training noise schedule (scheduler_config.json) of a decoder or upsampler."""
+    """The training noise schedule (scheduler_config.json) of a decoder or upsampler (an imported one's own)."""
+    if getattr(config, "scheduler_config", None):   # imported weights (unclip.karlo) carry their saved schedule
+        return dict(config.scheduler_config)
     return {**DEFAULT_NOISE_SCHEDULE, "num_train_timesteps": config.num_train_timesteps,
             "beta_schedule": config.beta_schedule, "prediction_type": config.prediction_type}
 

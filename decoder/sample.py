@@ -70,7 +70,8 @@ def sample_decoder(model, image_emb, text_tokens, mask, *, scheduler="ddim", num
                  {**cond, "force_drop_image": no, "force_drop_text": no}]
         scales = [guidance_scale, text_guidance_scale]
     x_T = initial_noise((B, c.out_channels, c.image_size, c.image_size), latents, generator, device)
-    x_0 = denoise(guided(model, conds, scales), x_T, make_stage_scheduler(scheduler, c, dynamic_threshold),
+    model_fn = guided(model, conds, scales, guide_channels=c.out_channels)  # extra channels: learned variance
+    x_0 = denoise(model_fn, x_T, make_stage_scheduler(scheduler, c, dynamic_threshold),
                   num_steps, generator=generator, eta=eta, progress=progress, desc="decoder")
     return {"images": x_0.clamp(-1, 1), "latents": x_T}
 

@@ -1,4 +1,9 @@
-"""train_decoder / train_upsampler: read the pairs, encode them once with the frozen CLIP, run the one training loop."""
+"""train_decoder / train_upsampler: read the pairs, encode them once with the frozen CLIP, run the one training loop.
+
+Under `accelerate launch` every process reads and encodes the whole data set itself (CLIP inference is
+deterministic, so all ranks hold the same embeddings; DDP also broadcasts rank 0's buffers): no collective
+before the loop starts. Streamed shards feed the upsampler directly (split by process and worker).
+"""
 
 from __future__ import annotations
 
@@ -14,7 +19,7 @@ from torch.utils.data import Dataset, IterableDataset, Subset
 from unclip.checkpoint import update_model_index
 from unclip.clip import ClipEncoder
 from unclip.config import config_from_dict, config_to_dict, read_json
-from unclip.data.encode import encode_captions, encode_images
+from unclip.data.encode import encode_captions, encode_readable_images, read_or_skip
 from unclip.images import make_grid, tensor_to_pil
 from unclip.training import Hooks, TrainConfig, train
 
@@ -40,7 +45,7 @@ def as_map_style(dataset) -> Dataset:
     if not isinstance(dataset, IterableDataset):
         return dataset
     warnings.warn("decoder training reads streamed shards into memory once (to encode them with CLIP)", stacklevel=3)
-    return list(dataset)
+    return list(dataset.unsplit() if hasattr(dataset, "unsplit") else dataset)  # every process: all shards
 
 
 def split_heldout(n: int, heldout: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -130,12 +135,17 @@ def upsampler_hooks(model_dir: Path, folder: str, images: torch.Tensor, sample_s
 # ---------------------------------------------------------------- entry points
 
 
-def encode_pairs(clip: ClipEncoder, source, progress: bool) -> tuple[torch.Tensor, dict]:
-    """image_emb [N, D] per sample and encode_captions' per-unique-caption text encodings."""
+def encode_pairs(clip: ClipEncoder, source, progress: bool) -> tuple[Dataset, torch.Tensor, dict, int]:
+    """(the readable samples of source, their image_emb [N, D], encode_captions' per-unique-caption text
+    encodings, how many samples were left out as unreadable)."""
+    image_emb, kept = encode_readable_images(clip, source, progress=progress)
+    if not kept:
+        raise ValueError(f"no readable image-caption pairs in the data ({len(source)} samples, none loaded)")
     captions = getattr(source, "captions", None)
-    if captions is None:
-        captions = [source[i]["caption"] for i in range(len(source))]
-    return encode_images(clip, source, progress=progress), encode_captions(clip, list(captions), progress=progress)
+    captions = [captions[i] for i in kept] if captions is not None else [source[i]["caption"] for i in kept]
+    skipped = len(source) - len(kept)
+    source = Subset(source, kept) if skipped else source
+    return source, image_emb, encode_captions(clip, captions, progress=progress), skipped
 
 
 def train_decoder(model_dir: str | os.PathLike, data, *, train_config: TrainConfig, preset: str = "tiny",
@@ -153,16 +163,17 @@ def train_decoder(model_dir: str | os.PathLike, data, *, train_config: TrainConf
         config = _resumed_config(run_dir, "decoder", DecoderConfig) or config
     config = make_decoder_config(clip, preset, config)
     source = as_map_style(open_data(data, max(config.image_size, clip.image_size)))
-    image_emb, text = encode_pairs(clip, source, progress)
+    source, image_emb, text, skipped = encode_pairs(clip, source, progress)
     train_rows, heldout_rows = split_heldout(len(image_emb), heldout, train_config.seed)
     shown_rows = heldout_rows if len(heldout_rows) else train_rows[:4]
     shown = torch.utils.data.default_collate(
         [DecoderDataset(source, shown_rows, image_emb, text, config.image_size)[i] for i in range(len(shown_rows))])
     info = {"decoder": config_to_dict(config), "data": None if isinstance(data, Dataset) else str(data),
             "train_samples": len(train_rows), "heldout_samples": len(heldout_rows)}
+    torch.manual_seed(train_config.seed)  # a seeded initialisation: torch seeds each process at random
     return train(Decoder(config), decoder_loss, DecoderDataset(source, train_rows, image_emb, text, config.image_size),
                  run_dir, train_config, hooks=decoder_hooks(model_dir, shown, sample_steps), resume=resume,
-                 extra_info=info, progress=progress)
+                 extra_info=info, progress=progress, skipped=skipped)
 
 
 def train_upsampler(model_dir: str | os.PathLike, data, size: int = 64, *, train_config: TrainConfig,
@@ -184,11 +195,13 @@ def train_upsampler(model_dir: str | os.PathLike, data, size: int = 64, *, train
     else:
         train_rows, heldout_rows = split_heldout(len(source), heldout, train_config.seed)
         shown_rows = heldout_rows if len(heldout_rows) else train_rows[:4]
-        train_set, shown = Subset(source, train_rows.tolist()), [source[int(r)]["image"] for r in shown_rows]
+        shown = [item["image"] for item in (read_or_skip(source, int(r)) for r in shown_rows) if item is not None]
+        train_set = Subset(source, train_rows.tolist())
     if not shown:
-        raise ValueError("the training data set is empty")
+        raise ValueError("the training data set is empty (or its first images are unreadable)")
     info = {"upsampler": config_to_dict(config), "data": None if isinstance(data, (Dataset, IterableDataset))
             else str(data), "size": size}
+    torch.manual_seed(train_config.seed)  # a seeded initialisation: torch seeds each process at random
     return train(Upsampler(config), upsampler_loss, train_set, run_dir, train_config,
                  hooks=upsampler_hooks(model_dir, folder, torch.stack(shown), sample_steps), resume=resume,
                  extra_info=info, progress=progress)

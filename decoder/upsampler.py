@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from diffusers import UNet2DModel
+from diffusers.utils.torch_utils import randn_tensor
 
 from unclip.checkpoint import load_component, load_weights_into, save_component
 
@@ -78,7 +79,7 @@ def corrupt(low_res: torch.Tensor, aug_level, blur_sigma: torch.Tensor | None = 
     x = gaussian_blur(low_res, blur_sigma, kernel_size) if blur_sigma is not None else low_res
     if not bool((a > 0).any()):
         return x
-    eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    eps = randn_tensor(x.shape, generator=generator, device=x.device, dtype=x.dtype)  # a generator or one per row
     a = a.to(x.dtype).reshape(B, 1, 1, 1)
     return (1 - a ** 2).sqrt() * x + a * eps
 

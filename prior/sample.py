@@ -55,7 +55,9 @@ def sample_prior(model, text_emb, text_tokens, mask, *, scheduler="ddim", num_st
     model_fn = guided(model, [uncond, cond], [guidance_scale])
     x0 = denoise(model_fn, latents.reshape(b * k, d).float(), scheduler, num_steps, generator=generator,
                  eta=eta, progress=progress, desc="prior")                       # [B * K, D]
-    embs = F.normalize(model.unscale_image(x0), dim=-1).view(b, k, d)            # [B, K, D]
+    embs = model.unscale_image(x0).view(b, k, d)                                 # [B, K, D]
+    if getattr(model, "unit_embeddings", True):  # Karlo's prior (unclip.karlo) predicts raw CLIP embeddings
+        embs = F.normalize(embs, dim=-1)
     scores = F.cosine_similarity(embs, text_emb.float()[:, None], dim=-1)        # [B, K]
     best = embs[torch.arange(b, device=embs.device), scores.argmax(dim=1)]       # [B, D]
     return dict(image_emb=best, latents=latents, candidates=embs, scores=scores)

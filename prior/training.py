@@ -1,4 +1,8 @@
-"""train_prior: encode the pairs once with the frozen CLIP, then run the one training loop on embeddings."""
+"""train_prior: encode the pairs once with the frozen CLIP, then run the one training loop on embeddings.
+
+Under `accelerate launch` every process encodes the whole data set itself (deterministic, no collective);
+at scale, precompute once in parallel with `accelerate launch -m cli embed` and train on --embeddings.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +15,7 @@ from torch.utils.data import Dataset
 from unclip.checkpoint import update_model_index
 from unclip.clip import ClipEncoder
 from unclip.config import config_from_dict, config_to_dict, read_json
-from unclip.data.embeddings import embed_pairs
+from unclip.data.embeddings import embed_pairs, is_embeddings_dir
 from unclip.eval.prior import prior_metrics
 from unclip.training import Hooks, TrainConfig, train
 
@@ -90,12 +94,16 @@ def train_prior(model_dir: str | os.PathLike, *, data=None, embeddings=None, tra
     """
     if (data is None) == (embeddings is None):
         raise ValueError("give exactly one of data (pairs) or embeddings (a precomputed embeddings folder)")
+    if embeddings is not None and not is_embeddings_dir(embeddings):
+        raise ValueError(f"{embeddings} is not an embeddings folder (expected img_emb/, text_emb/, metadata/ "
+                         "written by `unclip embed`; for a folder of pairs use --data)")
     model_dir = Path(model_dir)
     run_dir = Path(run_dir) if run_dir is not None else model_dir / "runs" / "prior"
     clip = ClipEncoder.load(model_dir / "clip").eval().requires_grad_(False)
     config = make_prior_config(clip, preset, (_resumed_config(run_dir) if resume else None) or config)
     emb = embed_pairs(clip, data if data is not None else embeddings, progress=progress)
     train_rows, heldout_rows = split_heldout(len(emb["captions"]), heldout, train_config.seed)
+    torch.manual_seed(train_config.seed)  # a seeded initialisation: torch seeds each process at random
     model = DiffusionPrior(config)
     model.set_image_statistics(emb["image_emb"][train_rows])  # sec. 2.1: unit variance before noising
     hooks = _hooks(model_dir, subset(emb, heldout_rows) if len(heldout_rows) else None, eval_steps)
@@ -104,4 +112,4 @@ def train_prior(model_dir: str | os.PathLike, *, data=None, embeddings=None, tra
     info = {"prior": config_to_dict(config), "source": source, "train_samples": len(train_rows),
             "heldout_samples": len(heldout_rows)}
     return train(model, prior_loss, PriorDataset(emb, train_rows), run_dir, train_config, hooks=hooks,
-                 resume=resume, extra_info=info, progress=progress)
+                 resume=resume, extra_info=info, progress=progress, skipped=emb["unreadable"])

@@ -77,7 +77,10 @@ def load_component_config(folder: str | os.PathLike, kind: str, config_cls):
     folder = Path(folder)
     if not folder.is_dir():
         raise ValueError(f"missing {kind} component: no folder {folder}")
-    data = dict(read_json(folder / CONFIG_NAME))
+    data = read_json(folder / CONFIG_NAME)
+    if not isinstance(data, dict):
+        raise ValueError(f"bad config in {folder / CONFIG_NAME}: expected a JSON object, got {type(data).__name__}")
+    data = dict(data)
     found_kind = data.pop("_kind", None)
     version = data.pop("_format_version", None)
     if found_kind != kind:
@@ -137,29 +140,32 @@ def read_model_index(model_dir: str | os.PathLike) -> dict:
     path = model_dir / INDEX_NAME
     if path.is_file():
         data = read_json(path)
+        if not isinstance(data, dict):
+            raise ValueError(f"{path} is not a model index (expected a JSON object, got {type(data).__name__})")
         if data.get("_format_version") != FORMAT_VERSION:
             raise ValueError(f"{path} has format version {data.get('_format_version')}; "
                              f"this unclip reads version {FORMAT_VERSION}")
         return data
+    return {"_format_version": FORMAT_VERSION, "components": scan_components(model_dir)}
+
+
+def scan_components(model_dir: Path) -> dict[str, str]:
+    """{folder name: kind} for every component folder (one with a config.json naming its kind)."""
     components = {}
-    for sub in sorted(model_dir.iterdir()):
+    for sub in sorted(Path(model_dir).iterdir()):
         if (sub / CONFIG_NAME).is_file():
-            kind = read_json(sub / CONFIG_NAME).get("_kind")
+            data = read_json(sub / CONFIG_NAME)
+            kind = data.get("_kind") if isinstance(data, dict) else None
             if kind:
                 components[sub.name] = kind
-    return {"_format_version": FORMAT_VERSION, "components": components}
+    return components
 
 
 def update_model_index(model_dir: str | os.PathLike) -> dict:
     """Re-scan the component folders of `model_dir` and rewrite model_index.json (keeping other keys)."""
     model_dir = Path(model_dir)
     old = read_model_index(model_dir) if model_dir.is_dir() else {"components": {}}
-    components = {}
-    for sub in sorted(model_dir.iterdir()):
-        if (sub / CONFIG_NAME).is_file():
-            kind = read_json(sub / CONFIG_NAME).get("_kind")
-            if kind:
-                components[sub.name] = kind
+    components = scan_components(model_dir)
     info = {k: v for k, v in old.items() if not k.startswith("_") and k != "components"}
     write_model_index(model_dir, components, **info)
     return read_model_index(model_dir)

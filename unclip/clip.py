@@ -102,6 +102,13 @@ class WordTokenizer:
         return out
 
 
+def _count_tokens(tokenizer, text: str) -> int:
+    """Tokens of `text` with <sot> and <eot> (0 for a tokenizer that cannot tell)."""
+    if isinstance(tokenizer, WordTokenizer):
+        return tokenizer.count_tokens(text)
+    return len(tokenizer.encode(text)) + 2 if hasattr(tokenizer, "encode") else 0  # open_clip's BPE tokenizer
+
+
 # ---------------------------------------------------------------- the encoder
 
 
@@ -129,8 +136,11 @@ class ClipEncoder(torch.nn.Module):
             raise ValueError("a custom CLIP config needs a word vocabulary (vocab.json)")
         tokenizer = WordTokenizer(vocab, context)
         text["vocab_size"] = tokenizer.vocab_size
-        model = open_clip.CLIP(config.embed_dim, open_clip.CLIPVisionCfg(**config.vision),
-                               open_clip.CLIPTextCfg(**text))
+        try:
+            model = open_clip.CLIP(config.embed_dim, open_clip.CLIPVisionCfg(**config.vision),
+                                   open_clip.CLIPTextCfg(**text))
+        except TypeError as error:  # an unknown key in the vision / text dicts
+            raise ValueError(f"bad CLIP config: {error}") from None
         return cls(config, model, tokenizer)
 
     @classmethod
@@ -206,9 +216,9 @@ class ClipEncoder(torch.nn.Module):
         for prompt in prompts:
             if not isinstance(prompt, str) or not prompt.strip():
                 raise ValueError("empty prompt: give some text to encode")
-        if warn and isinstance(self.tokenizer, WordTokenizer):
+        if warn:
             for prompt in prompts:
-                if self.tokenizer.count_tokens(prompt) > self.context_length:
+                if _count_tokens(self.tokenizer, prompt) > self.context_length:
                     warnings.warn(f"prompt is longer than the text context ({self.context_length} tokens) "
                                   f"and was truncated: {prompt[:60]!r}...", stacklevel=3)
         return self.tokenizer(list(prompts))

@@ -11,25 +11,47 @@ import dataclasses
 import os
 from pathlib import Path
 
-import open_clip
 import torch
 import torch.nn.functional as F
 
 from .checkpoint import update_model_index
 from .clip import CLIP_PRESETS, ClipConfig, ClipEncoder, WordTokenizer
-from .data.encode import encode_images
+from .data.encode import encode_images, read_or_skip
 from .eval.metrics import retrieval_accuracy, same_caption_matrix
 from .training import Hooks, TrainConfig, train
 
 
 def clip_loss_fn(model: ClipEncoder, batch: dict):
-    """Symmetric contrastive loss with soft targets for repeated captions."""
-    image, text, logit_scale = model(batch["pixels"], batch["tokens"])
-    logits_image, logits_text = open_clip.ClipLoss().get_logits(image, text, logit_scale)  # [B, B] each
-    targets = same_caption_matrix(batch["caption"], image.device).float()
+    """Symmetric contrastive loss with soft targets for repeated captions.
+
+    Under DDP every process's samples are the negatives (open_clip's ClipLoss with gather_with_grad and
+    local_loss): this process's b rows against all N columns, so N processes train like one with batch N*b.
+    """
+    image, text, logit_scale = model(batch["pixels"], batch["tokens"])            # [b, D] each
+    image_all, text_all, captions, first = _gather_features(image, text, list(batch["caption"]))  # [N, D] each
+    logits_image = logit_scale * image @ text_all.T                                 # [b, N]
+    logits_text = logit_scale * text @ image_all.T                                  # [b, N]
+    targets = same_caption_matrix(captions, image.device).float()[first:first + len(image)]  # [b, N]
     targets = targets / targets.sum(dim=1, keepdim=True)
     loss = (F.cross_entropy(logits_image, targets) + F.cross_entropy(logits_text, targets)) / 2
     return loss, {"logit_scale": float(logit_scale.detach())}
+
+
+def _gather_features(image: torch.Tensor, text: torch.Tensor, captions: list[str]):
+    """Every process's features in rank order (gradients flow back to their owners), captions, and the row
+    of this process's first sample; the inputs themselves when not distributed."""
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return image, text, captions, 0
+    from torch.distributed.nn.functional import all_gather
+
+    per_rank: list = [None] * dist.get_world_size()
+    dist.all_gather_object(per_rank, captions)            # batches may differ in size (skipped samples)
+    sizes = [len(c) for c in per_rank]
+    pad = lambda x: F.pad(x, (0, 0, 0, max(sizes) - len(x)))  # noqa: E731  [b, D] -> [b_max, D]
+    image_all = torch.cat([x[:n] for x, n in zip(all_gather(pad(image)), sizes)])  # [N, D]
+    text_all = torch.cat([x[:n] for x, n in zip(all_gather(pad(text)), sizes)])    # [N, D]
+    return image_all, text_all, [c for chunk in per_rank for c in chunk], sum(sizes[:dist.get_rank()])
 
 
 class _Tokenised(torch.utils.data.Dataset):
@@ -56,7 +78,8 @@ def split_heldout(n: int, fraction: float, seed: int, cap: int = 1000) -> tuple[
 
 
 def make_retrieval_eval(heldout, clip_ref: ClipEncoder):
-    """evaluate(ema, step) -> held-out text->image retrieval top-1 / top-5."""
+    """evaluate(ema, step) -> held-out text->image retrieval top-1 / top-5 (unreadable images left out)."""
+    heldout = torch.utils.data.Subset(heldout, [i for i in range(len(heldout)) if read_or_skip(heldout, i)])
     captions = [heldout[i]["caption"] for i in range(len(heldout))]
 
     def evaluate(ema: ClipEncoder, step: int) -> dict:
@@ -78,8 +101,12 @@ def train_clip(data: str | os.PathLike, out: str | os.PathLike, train_config: Tr
     run_dir = Path(run_dir) if run_dir else out / "runs" / "clip"
     config = config or _preset(preset)
     dataset = open_dataset(data, config.vision.get("image_size", 32))
+    if not hasattr(dataset, "captions"):
+        raise ValueError(f"train clip reads a folder of image/caption pairs, not webdataset shards ({data}); "
+                         "give the folder the shards were made from")
     captions = list(dataset.captions)
     vocab = _vocab(run_dir, captions, config, resume)
+    torch.manual_seed(train_config.seed)  # a seeded initialisation: torch seeds each process at random
     clip = ClipEncoder.from_config(config, vocab)
     train_idx, held_idx = split_heldout(len(dataset), heldout_fraction, train_config.seed)
     heldout = torch.utils.data.Subset(dataset, held_idx)

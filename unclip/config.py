@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -71,6 +72,12 @@ def write_json(path: str | os.PathLike, data: Any) -> None:
     try:
         tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
         os.replace(tmp, path)
+    except OSError as error:  # name the target, not the temp file
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        if error.errno is None:
+            raise
+        raise OSError(error.errno, error.strerror, str(path)) from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

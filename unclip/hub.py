@@ -42,3 +42,36 @@ def _download(repo_id: str) -> Path:
     except Exception as error:  # network errors, missing repos, gated repos: all one message
         raise ValueError(f"could not download {repo_id!r} from the hub ({error.__class__.__name__}); "
                          "check the name and your network, or give a local folder") from None
+
+
+def file_checksums(folder: str | os.PathLike) -> dict[str, str]:
+    """sha256 of every weight and config file in a model folder, by relative path."""
+    import hashlib
+
+    folder = Path(folder)
+    sums = {}
+    for path in sorted(folder.rglob("*")):
+        if path.is_file() and path.suffix in (".safetensors", ".json") and path.name != "checksums.json":
+            sums[str(path.relative_to(folder))] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return sums
+
+
+def bundle_model(export_dir: str | os.PathLike, name: str, target_root: str | os.PathLike | None = None) -> Path:
+    """Copy an exported model folder into the package (unclip/models/NAME) with a checksums.json."""
+    import shutil
+
+    from .checkpoint import replace_dir
+    from .config import write_json
+
+    target = Path(target_root or BUNDLED_DIR) / name
+
+    def fill(tmp: Path) -> None:
+        for path in Path(export_dir).iterdir():
+            if path.is_dir() and (path / "config.json").is_file():
+                shutil.copytree(path, tmp / path.name)
+            elif path.name == "model_index.json":
+                shutil.copy2(path, tmp / path.name)
+        write_json(tmp / "checksums.json", file_checksums(tmp))
+
+    replace_dir(target, fill)
+    return target

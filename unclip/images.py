@@ -5,6 +5,7 @@ Tensors are `[B, 3, H, W]` floats in [-1, 1] (the diffusion convention) unless a
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -106,6 +107,12 @@ def _atomic_save(path: Path, save) -> None:
     try:
         save(tmp)
         os.replace(tmp, path)
+    except OSError as error:  # name the target, not the temp file
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        if error.errno is None:
+            raise
+        raise OSError(error.errno, error.strerror, str(path)) from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from safetensors import safe_open
 
-from .checkpoint import CONFIG_NAME, SCHEDULER_NAME, WEIGHTS_NAME, read_model_index
+from .checkpoint import CONFIG_NAME, FORMAT_VERSION, SCHEDULER_NAME, WEIGHTS_NAME, read_model_index
 from .config import read_json
 from .hub import resolve_model
 
@@ -27,14 +27,34 @@ def count_parameters(weights: Path) -> tuple[int, str]:
     return total, "/".join(sorted(dtypes))
 
 
+def check_config(folder: Path, kind: str) -> dict:
+    """A component's config.json, validated as loading the component would (format version, keys, types)."""
+    from decoder.config import DecoderConfig, UpsamplerConfig  # local: unclip core does not import the stages
+    from prior.config import PriorConfig
+
+    from .checkpoint import load_component_config
+    from .clip import ClipConfig
+
+    classes = {"clip": ClipConfig, "prior": PriorConfig, "decoder": DecoderConfig, "upsampler": UpsamplerConfig}
+    config = read_json(folder / CONFIG_NAME)
+    if isinstance(config, dict) and "architecture" not in config and kind in classes:  # Karlo's have their own
+        load_component_config(folder, kind, classes[kind])
+    elif not isinstance(config, dict) or config.get("_format_version") != FORMAT_VERSION:
+        raise ValueError(f"{folder / CONFIG_NAME}: not a config of format version {FORMAT_VERSION}")
+    return config
+
+
 def describe(model: str | os.PathLike | None) -> str:
     """Multi-line summary: components, parameters, file sizes, key config fields, noise schedules."""
     folder = resolve_model(model)
     index = read_model_index(folder)
+    if not index.get("components"):
+        raise ValueError(f"{folder} is not a model folder: no component folders (clip/, prior/, decoder/, ...) "
+                         "with a config.json; give the folder that holds them")
     lines = [f"model: {folder}"]
     for name, kind in index.get("components", {}).items():
         sub = folder / name
-        config = read_json(sub / CONFIG_NAME)
+        config = check_config(sub, kind)
         weights = sub / WEIGHTS_NAME
         if weights.is_file():
             params, dtype = count_parameters(weights)

@@ -27,7 +27,7 @@ from .checkpoint import read_model_index, write_model_index
 from .clip import ClipEncoder
 from .images import load_image, pil_to_tensor, tensor_to_pil
 from .interpolation import mix, slerp, text_diff
-from .hub import resolve_model
+from .hub import DEFAULT_MODEL, resolve_model
 from .sampling import denoise, guided
 from .schedulers import make_scheduler, scheduler_names
 
@@ -91,9 +91,18 @@ class UnCLIPPipeline:
     # ---------------------------------------------------------------- loading and saving
 
     @classmethod
-    def from_pretrained(cls, path_or_name: str | os.PathLike) -> "UnCLIPPipeline":
-        """Load a model folder, a bundled model by name ("emoji", "shapes") or a hub id (with a network)."""
+    def from_pretrained(cls, path_or_name: str | os.PathLike, **karlo_options) -> "UnCLIPPipeline":
+        """Load a model folder, a bundled model by name ("emoji", "shapes") or a hub id (with a network).
+
+        Published unCLIP weights (Karlo, diffusers layout, or `unclip convert`ed) load through unclip.karlo;
+        `karlo_options` (clip=, torch_dtype=) are for those only.
+        """
         folder = resolve_model(path_or_name)
+        from .karlo import is_karlo_folder, load_karlo  # local: unclip.karlo builds pipelines of this class
+        if is_karlo_folder(folder):
+            return load_karlo(cls, folder, model_id=str(path_or_name), **karlo_options)
+        if karlo_options:
+            raise ValueError(f"{', '.join(sorted(karlo_options))}: options for Karlo (diffusers-layout) folders only")
         index = read_model_index(folder)
         components = index.get("components", {})
         for needed in ("clip", "decoder"):
@@ -103,7 +112,7 @@ class UnCLIPPipeline:
         ups = [Upsampler.load(folder / name) for name, kind in components.items() if kind == "upsampler"]
         prior = DiffusionPrior.load(folder / "prior") if "prior" in components else None
         return cls(ClipEncoder.load(folder / "clip"), prior, Decoder.load(folder / "decoder"), ups,
-                   model_id=str(path_or_name))
+                   model_id=str(path_or_name) if path_or_name is not None else DEFAULT_MODEL)
 
     def save_pretrained(self, path: str | os.PathLike, dtype: torch.dtype | None = None) -> None:
         """Write every component folder and model_index.json (weights as safetensors, optionally fp16)."""
@@ -121,11 +130,16 @@ class UnCLIPPipeline:
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | str | None = None):
         """Move every component; `dtype` (fp32 / bf16 / fp16) sets the autocast precision of the networks."""
         if device is not None:
-            self.device = torch.device(device)
-            for module in self.modules():
-                module.to(self.device)
+            try:
+                device = torch.device(device)
+                for module in self.modules():
+                    module.to(device)
+            except (RuntimeError, AssertionError) as error:  # unknown device type, no driver, torch without CUDA
+                raise ValueError(f"cannot use device {str(device)!r}: {str(error).strip().splitlines()[0]} "
+                                 "(use cpu or an available GPU)") from None
+            self.device = device
         if dtype is not None:
-            dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+            dtype = DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
             if dtype not in DTYPES.values():
                 raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype}")
             self.dtype = dtype
@@ -168,7 +182,8 @@ class UnCLIPPipeline:
             out = sample_prior(self.prior, *text, scheduler=settings.prior_sampler, num_steps=settings.prior_steps,
                                guidance_scale=settings.prior_guidance, candidates=settings.candidates,
                                latents=latents.to(self.device), negative=negative, eta=settings.eta,
-                               generator=generator, progress=self.progress)
+                               generator=_step_generators(seeds, generator, "prior", settings.candidates),
+                               progress=self.progress)
         return out["image_emb"].float(), latents
 
     def decode(self, image_emb: torch.Tensor, text=None, settings: SamplingSettings | dict | None = None,
@@ -189,7 +204,9 @@ class UnCLIPPipeline:
             base = sample_decoder(self.decoder, image_emb.to(self.device), tokens, mask,
                                   scheduler=settings.decoder_sampler, num_steps=settings.decoder_steps,
                                   guidance_scale=settings.decoder_guidance, text_guidance_scale=settings.text_guidance,
-                                  eta=settings.eta, dynamic_threshold=settings.dynamic_threshold, generator=generator, latents=latents["decoder"].to(self.device),
+                                  eta=settings.eta, dynamic_threshold=settings.dynamic_threshold,
+                                  generator=_step_generators(seeds, generator, "decoder"),
+                                  latents=latents["decoder"].to(self.device),
                                   prior_free=prior_free, progress=self.progress)["images"].float()
             x = base
             for up in self.upsamplers:
@@ -197,7 +214,7 @@ class UnCLIPPipeline:
                 size = up.config.image_size
                 latents.setdefault(name, self._noise((3, size, size), b, seeds, generator, name))
                 x = upsample(up, x, scheduler=settings.upsampler_sampler, num_steps=settings.upsampler_steps,
-                             aug_level=settings.aug_level, generator=generator,
+                             aug_level=settings.aug_level, generator=_step_generators(seeds, generator, name),
                              latents=latents[name].to(self.device), progress=self.progress).float()
         return UnCLIPOutput(images=tensor_to_pil(x), image_emb=image_emb, base=base, latents=latents,
                             text_emb=text[0] if text is not None else None)
@@ -262,6 +279,8 @@ class UnCLIPPipeline:
     def embed(self, item) -> torch.Tensor:
         """A prompt or a picture (path, PIL image) -> its image embedding [D] (prompts through the prior)."""
         if isinstance(item, str) and not Path(item).is_file():
+            if Path(item).suffix.lower() in (".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff"):
+                raise ValueError(f"image not found: {item} (a prompt is text without a file extension)")
             emb, _ = self.sample_image_emb([item], SamplingSettings(), seeds=[0])
             return emb[0]
         return self.encode_image([item])[0]
@@ -332,6 +351,16 @@ class UnCLIPPipeline:
     def _info(self, command: str, settings: SamplingSettings, seed, **inputs) -> dict:
         return {"command": command, "model": self.model_id, "seed": seed,
                 "settings": dataclasses.asdict(settings), **inputs}
+
+
+def _step_generators(seeds, generator, stage: str, repeats: int = 1):
+    """Where a stochastic sampler (ddpm, dpm++sde, DDIM with eta > 0) draws its per-step noise: one CPU generator
+    per image (`repeats` per image for prior candidates), seeded from the image's seed and the stage, so image i
+    stays independent of the batch; without seeds, the caller's `generator` (draws then depend on the batch)."""
+    if seeds is None:
+        return generator
+    offset = {"prior": 0, "decoder": 1}.get(stage, 2 + len(stage))
+    return [torch.Generator().manual_seed((s * 1000 + offset) * 64 + 32 + k) for s in seeds for k in range(repeats)]
 
 
 def _seeds(seed: int | None, n: int, generator) -> list[int] | None:

@@ -7,9 +7,10 @@ writes `OUT/stages/<stage>.json` (wall time, metrics) when it completes, and is 
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -21,17 +22,38 @@ from .config import config_from_dict, read_json, write_json
 from .training import TrainConfig
 
 STAGES = ("data", "clip", "embeddings", "prior", "decoder", "upsampler", "export")
+SECTION_KEYS = {"clip": {"preset", "heldout", "train"}, "embeddings": {"options"}, "prior": {"preset", "train"},
+                "decoder": {"preset", "config", "train"}, "upsampler": {"size", "preset", "config", "train"},
+                "export": {"path", "bundle"}}  # the "data" section passes its keys to the builder
 
 
 def load_recipe(path: str | os.PathLike) -> dict:
     """Read and check a recipe JSON (stage sections must be known; train settings must fit TrainConfig)."""
     recipe = read_json(path)
+    if not isinstance(recipe, dict):
+        raise ValueError(f"{path}: a recipe is a JSON object of stage sections, got {type(recipe).__name__}")
     unknown = sorted(set(recipe) - set(STAGES) - {"name", "threads", "description"})
     if unknown:
         raise ValueError(f"{path}: unknown recipe sections {unknown} (known: {', '.join(STAGES)})")
+    bad = [stage for stage in STAGES if stage in recipe and not isinstance(recipe[stage], dict)]
+    if bad:
+        raise ValueError(f"{path}: recipe sections {bad} must be JSON objects")
+    for stage, keys in SECTION_KEYS.items():
+        unknown = sorted(set(recipe.get(stage, {})) - keys)
+        if unknown:
+            raise ValueError(f"{path}: unknown keys {unknown} in section {stage!r} (known: {sorted(keys)})")
+    from decoder.config import decoder_preset, upsampler_preset  # local: checked before hours of training
     for stage in ("clip", "prior", "decoder", "upsampler"):
-        if stage in recipe:
-            config_from_dict(TrainConfig, recipe[stage].get("train", {}))
+        section = recipe.get(stage)
+        try:
+            if section is not None:
+                config_from_dict(TrainConfig, section.get("train", {}))
+            if stage == "decoder" and section is not None:
+                decoder_preset(section.get("preset", "tiny"), **section.get("config", {}))
+            if stage == "upsampler" and section is not None:
+                upsampler_preset(section.get("preset", "tiny-64"), **section.get("config", {}))
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"{path} ({stage}): {error}") from None
     return recipe
 
 
@@ -40,25 +62,38 @@ def run_recipe(recipe_path: str | os.PathLike, out: str | os.PathLike, progress:
     """Run (or continue) every stage of a recipe; returns {stage: record}."""
     recipe, out = load_recipe(recipe_path), Path(out)
     (out / "stages").mkdir(parents=True, exist_ok=True)
-    if recipe.get("threads"):
-        torch.set_num_threads(int(recipe["threads"]))
-    runners = {"data": _data, "clip": _clip, "embeddings": _embeddings, "prior": _prior, "decoder": _decoder,
-               "upsampler": _upsampler, "export": _export}
     records = {}
     for stage in STAGES:
         done = out / "stages" / f"{stage}.json"
         if stage not in recipe:
             continue
-        if done.is_file():
-            records[stage] = read_json(done)
-            continue
-        log(f"[{recipe.get('name', 'recipe')}] stage {stage} ...")
-        start = time.perf_counter()
-        metrics = runners[stage](recipe, out, progress) or {}
-        records[stage] = {"wall_s": round(time.perf_counter() - start, 1), "metrics": metrics}
-        write_json(done, records[stage])
-        log(f"[{recipe.get('name', 'recipe')}] stage {stage} done in {records[stage]['wall_s']:.0f} s")
+        if not done.is_file():
+            log(f"[{recipe.get('name', 'recipe')}] stage {stage} ...")
+            # Each stage in its own process, as if run by hand one after another: a fresh accelerate state
+            # (its mixed precision is per process) and the memory of the stage before given back.
+            code = "import sys; from unclip.recipe import run_stage; run_stage(*sys.argv[1:4], sys.argv[4] == '1')"
+            result = subprocess.run([sys.executable, "-c", code, str(recipe_path), str(out), stage,
+                                     "1" if progress else "0"])
+            if result.returncode != 0:
+                raise ValueError(f"recipe stage {stage!r} failed (exit {result.returncode}); fix the cause and run "
+                                 "the same command again to continue")
+        records[stage] = read_json(done)
+        log(f"[{recipe.get('name', 'recipe')}] stage {stage}: {records[stage]['wall_s']:.0f} s")
     return records
+
+
+def run_stage(recipe_path: str | os.PathLike, out: str | os.PathLike, stage: str, progress: bool = True) -> dict:
+    """Run one stage and record its wall time and metrics in OUT/stages/<stage>.json."""
+    recipe, out = load_recipe(recipe_path), Path(out)
+    if recipe.get("threads"):
+        torch.set_num_threads(int(recipe["threads"]))
+    runners = {"data": _data, "clip": _clip, "embeddings": _embeddings, "prior": _prior, "decoder": _decoder,
+               "upsampler": _upsampler, "export": _export}
+    start = time.perf_counter()
+    metrics = runners[stage](recipe, out, progress) or {}
+    record = {"wall_s": round(time.perf_counter() - start, 1), "metrics": metrics}
+    write_json(out / "stages" / f"{stage}.json", record)
+    return record
 
 
 def _train_config(recipe: dict, stage: str) -> TrainConfig:
@@ -148,7 +183,11 @@ def _export(recipe: dict, out: Path, progress: bool) -> dict:
     pipe.save_pretrained(target, dtype=torch.float16)
     update_model_index(target)
     sizes = {p.parent.name: p.stat().st_size for p in target.glob("*/model.safetensors")}
-    return {"path": str(target), "bytes": sizes, "total_mib": round(sum(sizes.values()) / 2**20, 2)}
+    record = {"path": str(target), "bytes": sizes, "total_mib": round(sum(sizes.values()) / 2**20, 2)}
+    if recipe["export"].get("bundle"):  # ship it inside the package, found by name
+        from .hub import bundle_model
+        record["bundled"] = str(bundle_model(target, recipe["export"]["bundle"]))
+    return record
 
 
 def describe_stages(out: str | os.PathLike) -> list[dict[str, Any]]:

@@ -32,10 +32,19 @@ def denoise(model_fn: ModelFn, x: torch.Tensor, scheduler, num_steps: int,
     scheduler.set_timesteps(num_steps, device=x.device)
     x = x * scheduler.init_noise_sigma
     kwargs = _step_kwargs(scheduler, generator, eta)
+    learned = _learns_variance(scheduler)
     for t in tqdm(scheduler.timesteps, desc=desc, disable=not progress, leave=False):
-        pred = model_fn(scheduler.scale_model_input(x, t), t)  # same shape as x
+        pred = model_fn(scheduler.scale_model_input(x, t), t)  # same shape as x (+ learned variance channels)
+        if pred.shape[1] != x.shape[1] and not learned:       # [B, 2C, ...] -> [B, C, ...]: the mean only
+            pred = pred[:, : x.shape[1]]
         x = scheduler.step(pred, t, x, **kwargs).prev_sample
     return x
+
+
+def _learns_variance(scheduler) -> bool:
+    """Whether the scheduler reads a learned variance from extra prediction channels (improved DDPM)."""
+    takes = "variance_type" in inspect.signature(type(scheduler).__init__).parameters  # others keep it unread
+    return takes and scheduler.config.get("variance_type") in ("learned", "learned_range")
 
 
 def _cat(values: Sequence):
@@ -47,19 +56,23 @@ def _cat(values: Sequence):
     raise ValueError(f"cannot batch a condition of type {type(first).__name__}")
 
 
-def guided(model: Callable, conds: Sequence[dict], scales: Sequence[float]) -> ModelFn:
+def guided(model: Callable, conds: Sequence[dict], scales: Sequence[float],
+           guide_channels: int | None = None) -> ModelFn:
     """Classifier-free guidance (Ho & Salimans 2022) as a model_fn, all branches in one batched forward.
 
     `conds` go from least to most conditioned (e.g. [null, image only, image + text]) and
     pred = p_0 + sum_i scales[i-1] * (p_i - p_{i-1}); one scale over [uncond, cond] is the usual
     eps_uncond + s * (eps_cond - eps_uncond). Branches that a scale of 1 or equal neighbours make
-    redundant are skipped.
+    redundant are skipped. With `guide_channels` only the first that many channels are guided; the rest (a
+    learned variance) come from the most conditioned branch, as in GLIDE and diffusers' unCLIP pipeline.
     """
     if len(scales) != len(conds) - 1:
         raise ValueError(f"{len(conds)} conditions need {len(conds) - 1} guidance scales, got {len(scales)}")
     for s in scales:
         if not torch.isfinite(torch.tensor(float(s))):
             raise ValueError(f"guidance scale must be a finite number, got {s}")
+    if guide_channels is not None and guide_channels < 1:
+        raise ValueError(f"guide_channels must be at least 1, got {guide_channels}")
     conds, scales = _prune(list(conds), [float(s) for s in scales])
     k = len(conds)
     batched = {key: _cat([c[key] for c in conds]) for key in conds[0]}
@@ -67,10 +80,11 @@ def guided(model: Callable, conds: Sequence[dict], scales: Sequence[float]) -> M
     def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         t = torch.as_tensor(t, device=x.device).reshape(-1).expand(x.shape[0] * k)
         preds = model(torch.cat([x] * k), t, **batched).chunk(k)  # k x [B, ...]
-        out = preds[0]
+        c = guide_channels if guide_channels is not None else preds[0].shape[1]
+        out = preds[0][:, :c]
         for i, s in enumerate(scales, start=1):
-            out = out + s * (preds[i] - preds[i - 1])
-        return out
+            out = out + s * (preds[i][:, :c] - preds[i - 1][:, :c])
+        return torch.cat([out, preds[-1][:, c:]], dim=1) if preds[-1].shape[1] > c else out
 
     return model_fn
 

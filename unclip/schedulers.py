@@ -3,7 +3,22 @@
 from __future__ import annotations
 
 from diffusers import (DDIMInverseScheduler, DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler,
-                       UniPCMultistepScheduler)
+                       UnCLIPScheduler, UniPCMultistepScheduler)
+
+
+class KarloScheduler(UnCLIPScheduler):
+    """diffusers' UnCLIPScheduler (Karlo's sampler) stepping to the next of its own timesteps by itself.
+
+    UnCLIPScheduler.step falls back to t - 1 unless told the previous timestep (diffusers' unCLIP pipelines pass
+    it); here it is looked up in `self.timesteps`, so the scheduler runs in the one loop like any other.
+    """
+
+    def step(self, model_output, timestep, sample, prev_timestep=None, generator=None, return_dict=True):
+        if prev_timestep is None and self.num_inference_steps is not None:
+            later = self.timesteps[self.timesteps < timestep]   # timesteps descend
+            prev_timestep = later[0] if len(later) else None
+        return super().step(model_output, timestep, sample, prev_timestep=prev_timestep, generator=generator,
+                            return_dict=return_dict)
 
 SCHEDULERS = {
     "ddpm": (DDPMScheduler, {}),
@@ -13,6 +28,7 @@ SCHEDULERS = {
     "euler": (EulerDiscreteScheduler, {}),
     "unipc": (UniPCMultistepScheduler, {}),
     "ddim-inverse": (DDIMInverseScheduler, {}),  # DDIM inversion: clean image -> its noise
+    "unclip": (KarloScheduler, {}),              # Karlo's DDPM variant (cosine schedule only; eps or x0)
 }
 ALIASES = {"dpmsolver++": "dpm++", "dpm-solver++": "dpm++", "dpmpp": "dpm++", "dpm": "dpm++"}
 
@@ -39,8 +55,10 @@ def make_scheduler(name: str, config: dict | None = None, **overrides):
     cls, defaults = SCHEDULERS[key]
     settings = {**DEFAULT_NOISE_SCHEDULE, **(config or {}), **defaults, **overrides}
     settings = {k: v for k, v in settings.items() if not k.startswith("_")}
-    if overrides.get("thresholding") and key in ("euler",):
+    if overrides.get("thresholding") and key in ("euler", "unclip"):
         raise ValueError(f"sampler {name!r} does not support dynamic thresholding; use ddpm, ddim, dpm++ or unipc")
+    if key == "unclip" and settings.get("prediction_type") not in ("epsilon", "sample"):
+        raise ValueError(f"sampler 'unclip' takes epsilon or sample predictions, not {settings.get('prediction_type')!r}")
     return cls.from_config(settings)
 
 

@@ -4,8 +4,20 @@ Each component supplies `loss_fn(model, batch) -> loss` (or `(loss, {name: value
 optimizer, data order, mixed precision, checkpoints and progress. Runs unchanged under `accelerate launch`.
 
 Data order is a function of (seed, samples seen): step s consumes global positions [s*G, (s+1)*G) of a
-stream of per-epoch permutations, G = batch_size * processes * grad_accum; rank r takes its slice. Random
-draws inside loss_fn are seeded from (seed, step, rank). A resumed run therefore continues exactly.
+stream of per-epoch permutations, G = batch_size * processes * grad_accum; rank r takes its slice. A resumed
+run therefore continues exactly, also with another number of processes (keep G by adjusting batch_size).
+
+Random draws: each batch carries a `SampleRandom` (`sample_random(batch)`) whose draws are made per sample,
+seeded by (seed, the sample's global position), so a sample gets the same timestep, noise and condition
+dropout however the global batch is split over processes and micro-steps: N processes with per-process
+batch B train like one process with batch N*B (equal up to float summation order). Draws that do not go
+through it (torch's global RNG) are seeded per (seed, micro-step, rank).
+
+Distributed (accelerate launch): DDP wraps the model; every rank computes the same EMA from the unwrapped,
+synchronised weights; only the main process writes checkpoints, exports, samples, metrics and logs; the
+logged loss is the mean over processes. The EMA, gradient clipping and checkpoints read whole weights and
+optimizer states, so FSDP and DeepSpeed configs (which shard them) are refused with a ValueError rather than
+run with a wrong EMA or an incomplete checkpoint. See docs/SCALING.md.
 """
 
 from __future__ import annotations
@@ -85,6 +97,56 @@ class StepBatchSampler:
             self.position += self.batch_size * self.world
 
 
+# ---------------------------------------------------------------- per-sample random draws
+
+RANDOM_KEY = "_random"  # the batch entry the loop fills with a SampleRandom
+
+
+class SampleRandom:
+    """Random draws made per sample: sample i draws from its own generator, seeded by (seed, global position).
+
+    Every call draws `shape` per sample and stacks them: `rand(*shape) -> [B, *shape]`. Drawn on the CPU (the
+    same numbers on every device) and moved to `device`.
+    """
+
+    def __init__(self, seeds, device="cpu"):
+        self.generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+        self.device = torch.device(device)
+
+    @classmethod
+    def at_positions(cls, seed: int, first: int, count: int, device="cpu") -> "SampleRandom":
+        """The draws of the samples at global positions [first, first + count) of a run with this seed."""
+        return cls([(seed * 2_654_435_761 + p) % 2**32 for p in range(first, first + count)], device)
+
+    def __len__(self) -> int:
+        return len(self.generators)
+
+    def _stack(self, draw, dtype=None) -> torch.Tensor:
+        return torch.stack([draw(g) for g in self.generators]).to(self.device, dtype)
+
+    def rand(self, *shape: int) -> torch.Tensor:
+        """[B, *shape] uniform in [0, 1)."""
+        return self._stack(lambda g: torch.rand(shape, generator=g))
+
+    def randn(self, *shape: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """[B, *shape] standard normal."""
+        return self._stack(lambda g: torch.randn(shape, generator=g), dtype)
+
+    def randint(self, high: int, *shape: int) -> torch.Tensor:
+        """[B, *shape] integers in [0, high)."""
+        return self._stack(lambda g: torch.randint(0, high, shape, generator=g))
+
+
+def sample_random(batch: dict, batch_size: int, device) -> SampleRandom:
+    """The batch's per-sample random draws (set by the loop); outside the loop, seeds from torch's global RNG."""
+    rng = batch.get(RANDOM_KEY)
+    if rng is None:
+        return SampleRandom(torch.randint(0, 2**32, (batch_size,)).tolist(), device)
+    if len(rng) != batch_size:
+        raise ValueError(f"the batch has {batch_size} samples but its SampleRandom {len(rng)}")
+    return rng
+
+
 class SkipBad(Dataset):
     """Wraps a dataset: an item that raises ValueError/OSError (corrupt image) becomes None and is counted."""
 
@@ -118,8 +180,27 @@ def make_loader(dataset, config: TrainConfig, rank: int, world: int, start_sampl
 
 
 def infinite(loader):
+    """Batches forever; a batch whose samples were all unreadable is counted into the next one's `_skipped`."""
+    try:
+        limit = 2 * len(loader.dataset)  # map-style: this many unreadable samples in a row means all are
+    except TypeError:
+        limit = None
+    carried = 0
     while True:
-        yield from loader
+        empty = True
+        for batch in loader:
+            if set(batch) <= {"_skipped"}:
+                carried += int(batch.get("_skipped", 0))
+                if limit is not None and carried >= limit:
+                    raise ValueError(f"{carried} training samples in a row could not be read (corrupt images?); "
+                                     "check the data")
+                continue
+            batch["_skipped"] = int(batch.get("_skipped", 0)) + carried
+            carried, empty = 0, False
+            yield batch
+        if empty:  # an empty stream (e.g. a process that got no shards) would otherwise loop forever
+            raise ValueError("the training data gave no usable batch in a whole pass (empty data set or shard "
+                             "list, or every sample unreadable?)")
 
 
 # ---------------------------------------------------------------- EMA, learning rate, checkpoints
@@ -219,16 +300,28 @@ class Hooks:
 
 def train(model: torch.nn.Module, loss_fn: Callable, dataset, run_dir: str | os.PathLike, config: TrainConfig,
           hooks: Hooks | None = None, resume: bool = False, extra_info: dict | None = None,
-          collate_fn=collate, progress: bool = True) -> torch.nn.Module:
-    """Train `model` with `loss_fn` on `dataset`; returns the EMA model. See the module docstring."""
+          collate_fn=collate, progress: bool = True, skipped: int = 0) -> torch.nn.Module:
+    """Train `model` with `loss_fn` on `dataset`; returns the EMA model. See the module docstring.
+
+    `skipped`: samples already left out while preparing `dataset` (unreadable images found when encoding it
+    up front); counted, with the corrupt samples the loop skips, in metrics.csv's `skipped_samples`.
+    """
     hooks = hooks or Hooks()
     run_dir = Path(run_dir)
     accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=config.cpu,
                               gradient_accumulation_steps=config.grad_accum)
     main = accelerator.is_main_process
+    world, rank = accelerator.num_processes, accelerator.process_index
+    global_batch = config.batch_size * world * config.grad_accum
+    _check_whole_parameters(accelerator)
     checkpoints = list_checkpoints(run_dir)
+    if checkpoints and not resume:  # raised on every rank: a raise on the main process alone would hang the rest
+        raise ValueError(f"{run_dir} already holds checkpoints: pass --resume to continue, "
+                         "or choose another run folder")
     if main:
-        _prepare_run_dir(run_dir, config, extra_info, resume, bool(checkpoints))
+        scale = {"processes": world, "global_batch": global_batch, "lr": config.lr,
+                 "distributed_type": str(accelerator.distributed_type.value)}
+        _prepare_run_dir(run_dir, config, {**(extra_info or {}), "distributed": scale}, resume, bool(checkpoints))
     accelerator.wait_for_everyone()
 
     ema = copy.deepcopy(model).float().requires_grad_(False).eval()
@@ -239,20 +332,22 @@ def train(model: torch.nn.Module, loss_fn: Callable, dataset, run_dir: str | os.
         step, samples_seen = load_checkpoint(checkpoints[-1][1], model, ema, optimizer)
         if main:
             tqdm.write(f"resumed from {checkpoints[-1][1]} (step {step})")
+    _check_same_step(accelerator, step, run_dir)
     model, optimizer = accelerator.prepare(model, optimizer)
+    params = [p for p in model.parameters() if p.requires_grad]  # those of the prepared model (for clipping)
+    if step == 0 and world > 1:  # DDP broadcast rank 0's initial weights: start every rank's EMA from them
+        ema.load_state_dict(accelerator.unwrap_model(model).state_dict())
     ema.to(accelerator.device)
-    world, rank = accelerator.num_processes, accelerator.process_index
-    global_batch = config.batch_size * world * config.grad_accum
-    if main and step == 0:
+    if main:
         tqdm.write(f"effective batch {global_batch} ({config.batch_size} x {world} processes x "
                    f"{config.grad_accum} accumulation), lr {config.lr:g}")
     batches = infinite(make_loader(dataset, config, rank, world, samples_seen, collate_fn))
     log = MetricsLog(run_dir / "metrics.csv", main)
     bar = tqdm(total=config.steps, initial=step, disable=not (progress and main), desc=run_dir.name, unit="step")
-    skipped, timer, seen_at_timer = 0, time.perf_counter(), samples_seen
+    skipped, timer, seen_at_timer = skipped if main else 0, time.perf_counter(), samples_seen
 
     def checkpoint():
-        if main:
+        if main:  # DDP: every rank holds the same whole weights; the main process writes them
             unwrapped = accelerator.unwrap_model(model)
             save_checkpoint(run_dir, step, unwrapped, ema, optimizer, samples_seen, config.keep_checkpoints)
             if hooks.export:
@@ -261,14 +356,18 @@ def train(model: torch.nn.Module, loss_fn: Callable, dataset, run_dir: str | os.
 
     try:
         while step < config.steps:
-            torch.manual_seed(config.seed * 1_000_003 + step * 1009 + rank)
             for group in optimizer.param_groups:
                 group["lr"] = config.lr * lr_factor(step, config)
             logs: dict[str, float] = {}
-            for _ in range(config.grad_accum):
+            for micro in range(config.grad_accum):
                 batch = next(batches)
+                # Seed after fetching: creating the DataLoader iterator draws from the global RNG, and a resumed
+                # run creates it at a later step than an uninterrupted one.
+                torch.manual_seed(config.seed * 1_000_003 + (step * config.grad_accum + micro) * 1009 + rank)
                 skipped += int(batch.pop("_skipped", 0))
                 batch = _to_device(batch, accelerator.device)
+                first = samples_seen + (micro * world + rank) * config.batch_size  # this slice's global position
+                batch[RANDOM_KEY] = SampleRandom.at_positions(config.seed, first, _batch_len(batch), accelerator.device)
                 with accelerator.accumulate(model), accelerator.autocast():
                     out = loss_fn(model, batch)
                     loss, extra = out if isinstance(out, tuple) else (out, {})
@@ -283,13 +382,15 @@ def train(model: torch.nn.Module, loss_fn: Callable, dataset, run_dir: str | os.
             step += 1
             samples_seen += global_batch
             decay = min(config.ema_decay, (1 + step) / (10 + step))
-            update_ema(ema, accelerator.unwrap_model(model), decay)
+            update_ema(ema, accelerator.unwrap_model(model), decay)  # the same on every rank (synchronised weights)
             bar.update(1)
             if step % config.log_every == 0 or step == config.steps:
+                logs = _mean_over_processes(accelerator, logs)
                 now = time.perf_counter()
                 logs["samples_per_s"] = (samples_seen - seen_at_timer) / max(now - timer, 1e-9)
                 logs["lr"] = optimizer.param_groups[0]["lr"]
-                logs["skipped_samples"] = skipped
+                logs["skipped_samples"] = _sum_over_processes(accelerator, skipped)
+                logs["global_batch"], logs["processes"] = global_batch, world
                 timer, seen_at_timer = now, samples_seen
                 bar.set_postfix(loss=f"{logs['loss']:.4f}", per_s=f"{logs['samples_per_s']:.0f}")
                 log.log(step, samples_seen, logs)
@@ -314,6 +415,50 @@ def _due(step: int, every: int, last: int) -> bool:
     return step == last or (every > 0 and step % every == 0)
 
 
+def _batch_len(batch: dict) -> int:
+    """Samples in a collated batch (the first dimension of its first tensor or the length of its first list)."""
+    for value in batch.values():
+        if isinstance(value, torch.Tensor) and value.ndim > 0:
+            return value.shape[0]
+        if isinstance(value, (list, tuple)):
+            return len(value)
+    return 0
+
+
+def _check_whole_parameters(accelerator: Accelerator) -> None:
+    """The EMA and the checkpoints read whole weights and optimizer states: refuse engines that shard them."""
+    kind = accelerator.distributed_type.value
+    if kind in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
+        raise ValueError(f"`accelerate launch` with {kind} is not supported by the training loop: its EMA, gradient "
+                         "clipping and checkpoints need whole weights and optimizer states on every process; use "
+                         "DDP (`accelerate launch --multi_gpu`) — see docs/SCALING.md for when sharding is needed")
+
+
+def _check_same_step(accelerator: Accelerator, step: int, run_dir: Path) -> None:
+    """Every process must resume from the same checkpoint (the run folder must be shared by all machines)."""
+    if accelerator.num_processes == 1:
+        return
+    steps = accelerator.gather(torch.tensor([step], device=accelerator.device))
+    if bool((steps != step).any()):
+        raise ValueError(f"processes resumed from different steps {steps.tolist()}: {run_dir} must be on a "
+                         "file system that every process sees")
+
+
+def _mean_over_processes(accelerator: Accelerator, logs: dict[str, float]) -> dict[str, float]:
+    """Per-process loss values averaged over the processes (every rank logs the same keys at the same steps)."""
+    if accelerator.num_processes == 1 or not logs:
+        return logs
+    names = sorted(logs)
+    values = accelerator.reduce(torch.tensor([logs[k] for k in names], device=accelerator.device), "mean")
+    return dict(zip(names, values.tolist()))
+
+
+def _sum_over_processes(accelerator: Accelerator, value: int) -> int:
+    if accelerator.num_processes == 1:
+        return value
+    return int(accelerator.reduce(torch.tensor([value], device=accelerator.device), "sum").item())
+
+
 def _to_device(batch: dict, device) -> dict:
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
@@ -331,9 +476,6 @@ def _check_finite(loss: torch.Tensor, step: int, run_dir: Path, accelerator: Acc
 
 def _prepare_run_dir(run_dir: Path, config: TrainConfig, extra_info: dict | None, resume: bool,
                      has_checkpoints: bool) -> None:
-    if has_checkpoints and not resume:
-        raise ValueError(f"{run_dir} already holds checkpoints: pass --resume to continue, "
-                         "or choose another run folder")
     for sub in ("checkpoints", "samples"):
         (run_dir / sub).mkdir(parents=True, exist_ok=True)
     write_json(run_dir / "train_config.json", {"train": config_to_dict(config), **(extra_info or {})})

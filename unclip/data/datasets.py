@@ -78,6 +78,9 @@ class ImageTextFolder(Dataset):
         if not self.keys:
             raise ValueError(f"no image-caption pairs in {self.root} ({len(images)} images, {len(texts)} captions); "
                              f"{LAYOUT_HINT}")
+        if self.skipped_missing_caption:
+            warnings.warn(f"{self.root}: skipping {self.skipped_missing_caption} image(s) without a caption "
+                          "(no or empty same-stem .txt file)", stacklevel=2)
         self.image_paths = [images[k] for k in self.keys]
         self.meta_paths = [metas.get(k) for k in self.keys]
         self.image_size = image_size
@@ -174,25 +177,63 @@ def decode_sample(sample: dict, image_size: int | None = None) -> dict:
     return {"image": pil_to_tensor(image, image_size)[0], "caption": caption, "key": key}
 
 
-class ShardDataset(IterableDataset):
-    """Stream image-caption pairs from webdataset shards; split across nodes and workers; bad samples skipped."""
+def check_shard_split(num_shards: int, processes: int, workers: int, warn: bool = True) -> None:
+    """Shards are dealt round-robin to processes, then to each process's DataLoader workers.
 
-    def __init__(self, urls: str | os.PathLike | Sequence[str | os.PathLike], image_size: int | None = None):
+    Fewer shards than processes raises (a process would get no data and wait forever on the others). Fewer
+    shards than processes x workers, or a count that does not divide evenly, warns: within one pass every
+    sample is still read exactly once, but some slots read one shard more (or none), so over many passes
+    (each process cycles its own shards) those samples are seen more often.
+    """
+    if num_shards < processes:
+        raise ValueError(f"{num_shards} shard(s) cannot feed {processes} processes: every process needs at least "
+                         "one (write smaller shards, e.g. `unclip data shards --shard-size`)")
+    slots = processes * max(workers, 1)
+    if warn and num_shards % slots:
+        warnings.warn(f"{num_shards} shards over {processes} process(es) x {max(workers, 1)} worker(s): some read "
+                      f"{num_shards // slots + 1} shards per pass and others {num_shards // slots}; use a multiple "
+                      f"of {slots} shards for an even split", stacklevel=3)
+
+
+class ShardDataset(IterableDataset):
+    """Stream image-caption pairs from webdataset shards; split across processes and workers; bad samples skipped.
+
+    With `split` (the default) process r of P reads shards r, r + P, ... (webdataset's split_by_node, from
+    RANK/WORLD_SIZE or torch.distributed) and its DataLoader worker w of W every W-th of those
+    (split_by_worker): each shard is read by exactly one (process, worker) slot per pass. See
+    `check_shard_split` for uneven counts. `unsplit()` gives a copy that every process reads whole.
+    """
+
+    def __init__(self, urls: str | os.PathLike | Sequence[str | os.PathLike], image_size: int | None = None,
+                 split: bool = True):
         self.urls = _expand_urls(urls)
         self.image_size = image_size
+        self.split = split
         self.skipped = 0  # bad samples skipped in this process (each DataLoader worker counts its own)
+
+    def unsplit(self) -> "ShardDataset":
+        """The same shards, read whole by every process (still split across one process's workers)."""
+        return ShardDataset(self.urls, self.image_size, split=False)
 
     def _skip(self, error: Exception) -> bool:
         """webdataset handler: warn, count, continue."""
         self.skipped += 1
-        warnings.warn(f"skipping bad sample: {error}", stacklevel=2)
+        shard = next((a for a in reversed(error.args) if isinstance(a, str) and a.endswith(".tar")), None)
+        if shard is not None:  # the tar stream itself failed (webdataset appends the shard to the arguments)
+            warnings.warn(f"skipping the rest of corrupt shard {shard}: {error.args[0]}", stacklevel=2)
+        else:
+            warnings.warn(f"skipping bad sample: {error}", stacklevel=2)
         return True
 
     def _decode(self, sample: dict) -> dict:
         return decode_sample(sample, self.image_size)
 
     def __iter__(self) -> Iterator[dict]:
-        pipeline = wds.WebDataset(self.urls, handler=self._skip, nodesplitter=wds.split_by_node,
+        rank, processes, worker, workers = wds.utils.pytorch_worker_info()
+        if self.split:
+            check_shard_split(len(self.urls), processes, workers, warn=rank == 0 and worker == 0)
+        nodesplitter = wds.split_by_node if self.split else None
+        pipeline = wds.WebDataset(self.urls, handler=self._skip, nodesplitter=nodesplitter,
                                   workersplitter=wds.split_by_worker, shardshuffle=False, empty_check=False)
         return iter(pipeline.map(self._decode, handler=self._skip))
 

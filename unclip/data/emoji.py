@@ -129,7 +129,9 @@ def read_package(tarball: str | os.PathLike) -> EmojiPackage:
                 if member.isfile():
                     _keep_member(package, PurePosixPath(member.name).parts, tar, member)
     except tarfile.TarError as error:
-        raise ValueError(f"not a readable tarball: {tarball} ({error}); delete it if it is a partial download")
+        reason = str(error).strip().splitlines()[0].rstrip(":")  # "file could not be opened successfully:\n- ..."
+        raise ValueError(f"not a readable tarball: {tarball} ({reason}); delete it if it is a partial download") \
+            from None
     if not package.emoji:
         raise ValueError(f"{tarball} has no package/emoji.json (is it an emoji-datasource npm tarball?)")
     return package

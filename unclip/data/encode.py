@@ -2,11 +2,50 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Sequence
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
+
+
+def read_or_skip(dataset, i: int):
+    """dataset[i], or None with a one-line warning when the sample cannot be read (a corrupt image file)."""
+    try:
+        return dataset[i]
+    except (ValueError, OSError) as error:
+        warnings.warn(f"skipping sample {i}: {error}", stacklevel=2)
+        return None
+
+
+class _Readable(Dataset):
+    """(i, image or None) per sample of a dataset of {"image", ...}; unreadable samples give None."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int):
+        item = read_or_skip(self.dataset, i)
+        return i, None if item is None else item["image"]
+
+
+@torch.inference_mode()
+def encode_readable_images(clip, dataset: Dataset, batch_size: int = 256,
+                           progress: bool = True) -> tuple[torch.Tensor, list[int]]:
+    """(image_emb [N', D], the N' indices it covers): encode_images over the samples that can be read; the
+    others (corrupt images) are left out with a warning each."""
+    loader = DataLoader(_Readable(dataset), batch_size=batch_size, collate_fn=list)
+    embs, kept = [], []
+    for items in tqdm(loader, desc="CLIP images", disable=not progress):
+        good = [(i, image) for i, image in items if image is not None]
+        if good:
+            kept += [i for i, _ in good]
+            embs.append(clip.encode_image(torch.stack([image for _, image in good])).cpu())  # [b, D]
+    return (torch.cat(embs) if embs else torch.empty(0, clip.embed_dim)), kept
 
 
 @torch.inference_mode()

@@ -1,0 +1,83 @@
+"""Follow a decoder while it trains: each time MODEL/decoder is re-exported, score it on held-out captions.
+
+Decodes held-out captions from their true CLIP image embeddings and text tokens (the decoder alone, no prior)
+and appends (step, images seen, shapes-oracle accuracy, FD in CLIP space) to a CSV. Run it beside a recipe:
+
+    nice -n 10 python scripts/learning_curve.py --run runs/shapes --data runs/shapes/data/test --out curve.csv
+"""
+
+import argparse
+import csv
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from decoder.model import Decoder
+from decoder.sample import sample_decoder
+from unclip.clip import ClipEncoder
+from unclip.data.datasets import ImageTextFolder
+from unclip.eval.metrics import frechet_distance
+from unclip.training import list_checkpoints
+
+
+def score(run: Path, test: ImageTextFolder, rows: list[int], clip: ClipEncoder, shapes: bool) -> dict:
+    decoder = Decoder.load(run / "model" / "decoder").eval()
+    captions = [test.captions[i] for i in rows]
+    real = torch.stack([test[i]["image"] for i in rows])
+    image_emb = clip.encode_image(real)
+    text_emb, tokens, mask = clip.encode_text(captions)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        images = sample_decoder(decoder, image_emb, tokens, mask, num_steps=25, progress=False,
+                                generator=torch.Generator().manual_seed(0))["images"].float()
+    result = {"fd_clip": frechet_distance(clip.encode_image(images), image_emb)}
+    if shapes:
+        from unclip.eval.shapes import evaluate
+        report = evaluate(list(images), captions)
+        result.update({k: report[k] for k in ("overall", "single", "placed", "relation", "count")})
+    return result
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run", type=Path, required=True, help="a recipe run folder (with model/ and runs/decoder)")
+    parser.add_argument("--data", type=Path, required=True, help="held-out pairs")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--n", type=int, default=64)
+    parser.add_argument("--poll", type=float, default=30.0)
+    parser.add_argument("--until-step", type=int, default=10**9)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    clip = ClipEncoder.load(args.run / "model" / "clip")
+    test = ImageTextFolder(args.data, 64)
+    rows = torch.randperm(len(test), generator=torch.Generator().manual_seed(0))[: args.n].sort().values.tolist()
+    shapes = (args.data.parent / "split.json").is_file()
+    done = set()
+    if args.out.is_file():
+        done = {int(r["step"]) for r in csv.DictReader(args.out.open())}
+    while True:
+        cps = list_checkpoints(args.run / "runs" / "decoder")
+        step = cps[-1][0] if cps else 0
+        if step and step not in done:
+            batch = json.loads((args.run / "runs" / "decoder" / "train_config.json").read_text())["train"]["batch_size"]
+            try:
+                row = {"step": step, "images_seen": step * batch, **score(args.run, test, rows, clip, shapes)}
+            except (ValueError, OSError):  # caught the export mid-swap: try again at the next poll
+                time.sleep(args.poll)
+                continue
+            new = not args.out.is_file()
+            with args.out.open("a", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=list(row))
+                if new:
+                    writer.writeheader()
+                writer.writerow(row)
+            print(row, flush=True)
+            done.add(step)
+        if step >= args.until_step:
+            return
+        time.sleep(args.poll)
+
+
+if __name__ == "__main__":
+    main()
