@@ -449,8 +449,9 @@ def sampling_options(fn):
         click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
                      help="Image i uses seed + i, whatever the batch."),
         # Samplers per stage
-        click.option("--sampler", type=click.Choice(["ddpm", "ddim", "dpm++", "dpm++sde", "euler", "unipc"]),
-                     default="ddim", show_default=True, help="Sampler of every stage."),
+        click.option("--sampler", default="ddim", show_default=True,
+                     type=click.Choice(["ddpm", "ddim", "dpm++", "dpm++sde", "euler", "unipc", "unclip"]),
+                     help="Sampler of every stage (unclip: Karlo's UnCLIPScheduler, for Karlo folders)."),
         click.option("--steps-prior", type=click.IntRange(min=1, max=1000), default=25, show_default=True),
         click.option("--steps-decoder", type=click.IntRange(min=1, max=1000), default=25, show_default=True),
         click.option("--steps-upsampler", type=click.IntRange(min=1, max=1000), default=10, show_default=True),

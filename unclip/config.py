@@ -8,7 +8,7 @@ import json
 import os
 import typing
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Callable, TypeVar
 
 T = TypeVar("T")
 
@@ -65,12 +65,12 @@ def config_from_dict(cls: type[T], data: dict[str, Any]) -> T:
     return cls(**{k: _check_type(k, v, hints[k]) for k, v in data.items()})
 
 
-def write_json(path: str | os.PathLike, data: Any) -> None:
-    """Write JSON atomically (temp file + rename)."""
+def atomic_write(path: str | os.PathLike, save: Callable[[Path], None]) -> None:
+    """Call `save(tmp)` on a temporary sibling of `path`, then rename it into place (no half-written files)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+        save(tmp)
         os.replace(tmp, path)
     except OSError as error:  # name the target, not the temp file
         with contextlib.suppress(OSError):
@@ -81,6 +81,11 @@ def write_json(path: str | os.PathLike, data: Any) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def write_json(path: str | os.PathLike, data: Any) -> None:
+    """Write JSON atomically (temp file + rename)."""
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n"))
 
 
 def read_json(path: str | os.PathLike) -> Any:

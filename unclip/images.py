@@ -5,7 +5,6 @@ Tensors are `[B, 3, H, W]` floats in [-1, 1] (the diffusion convention) unless a
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 from pathlib import Path
@@ -14,6 +13,8 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 from PIL import Image, PngImagePlugin, UnidentifiedImageError
+
+from .config import atomic_write
 
 Image.MAX_IMAGE_PIXELS = 8192 * 8192  # refuse decompression bombs larger than 64 Mpx
 MAX_IMAGE_SIDE = 8192
@@ -101,29 +102,12 @@ def make_grid(images: Sequence[Image.Image], cols: int | None = None, pad: int =
     return grid
 
 
-def _atomic_save(path: Path, save) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        save(tmp)
-        os.replace(tmp, path)
-    except OSError as error:  # name the target, not the temp file
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
-        if error.errno is None:
-            raise
-        raise OSError(error.errno, error.strerror, str(path)) from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def save_png(image: Image.Image, path: str | os.PathLike, metadata: dict | None = None) -> None:
     """Write a PNG atomically; `metadata` values go into text chunks (non-strings as JSON)."""
     info = PngImagePlugin.PngInfo()
     for key, value in (metadata or {}).items():
         info.add_text(key, value if isinstance(value, str) else json.dumps(value))
-    _atomic_save(Path(path), lambda tmp: image.save(tmp, format="PNG", pnginfo=info))
+    atomic_write(Path(path), lambda tmp: image.save(tmp, format="PNG", pnginfo=info))
 
 
 def read_png_metadata(path: str | os.PathLike) -> dict:
@@ -141,5 +125,5 @@ def save_gif(images: Iterable[Image.Image], path: str | os.PathLike, duration_ms
     images = list(images)
     if not images:
         raise ValueError("save_gif needs at least one frame")
-    _atomic_save(Path(path), lambda tmp: images[0].save(
+    atomic_write(Path(path), lambda tmp: images[0].save(
         tmp, format="GIF", save_all=True, append_images=images[1:], duration=duration_ms, loop=loop))
