@@ -12,6 +12,7 @@ Levers (off unless named; the defaults are what a user gets):
     unbatched-cfg   CFG branches as separate forwards (unclip batches them by default: this turns that off)
     no-grad         torch.no_grad instead of torch.inference_mode while sampling (inference_mode is the default)
     cache-text      memoise CLIP text encodings per prompt list (W4)
+    one-candidate   one prior sample per prompt instead of the default 2 (W4; what diffusers' UnCLIPPipeline does)
     threads-1       torch.set_num_threads(1)
 """
 
@@ -28,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))   # the reposito
 
 import common  # noqa: E402
 
-LEVERS = ("bf16", "channels-last", "compile", "unbatched-cfg", "no-grad", "cache-text", "threads-1")
+LEVERS = ("bf16", "channels-last", "compile", "unbatched-cfg", "no-grad", "cache-text", "one-candidate", "threads-1")
 
 
 # ---------------------------------------------------------------- models at the workload sizes
@@ -239,6 +240,8 @@ def w4(s: dict, levers) -> tuple[dict, dict]:
     n = s["w4_images"]
     prompts = (common.PROMPTS * n)[:n]
     steps = dict(prior_steps=s["prior_steps"], decoder_steps=s["decoder_steps"], upsampler_steps=s["up_steps"])
+    if "one-candidate" in levers:
+        steps["candidates"] = 1
     pipe.generate(prompts, seed=0, prior_steps=1, decoder_steps=1, upsampler_steps=1)  # warm-up
     start = time.perf_counter()
     out = pipe.generate(prompts, seed=0, **steps)  # guidance, candidates, samplers: unclip's defaults

@@ -32,7 +32,7 @@ CONFIGS = {
            ("threads-1",)],
     "W3": [(), ("bf16",), ("channels-last",), ("bf16", "channels-last"), ("compile",), ("bf16", "compile"),
            ("unbatched-cfg",), ("no-grad",), ("threads-1",)],
-    "W4": [(), ("bf16",), ("cache-text",), ("bf16", "channels-last")],
+    "W4": [(), ("bf16",), ("one-candidate",), ("bf16", "one-candidate"), ("cache-text",), ("compile",)],
 }
 METRIC = {"W1": "images_per_s", "W3": "s_per_image", "W4": "s_per_image"}
 

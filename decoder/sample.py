@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from unclip.sampling import denoise, guided
 from unclip.schedulers import make_scheduler
 
 from .config import noise_schedule
-from .upsampler import corrupt
+from .upsampler import Upsampler, corrupt, downsample
 
 
 def make_stage_scheduler(scheduler, config, dynamic_threshold: float | None = None):
@@ -79,8 +80,13 @@ def sample_decoder(model, image_emb, text_tokens, mask, *, scheduler="ddim", num
 @torch.inference_mode()
 def upsample(model, low_res: torch.Tensor, *, scheduler="ddim", num_steps: int = 25, aug_level: float = 0.0,
              eta: float | None = None, generator: torch.Generator | None = None, latents: torch.Tensor | None = None,
-             progress: bool = True) -> torch.Tensor:
-    """low_res [B, 3, s, s] in [-1, 1] -> [B, 3, k*s, k*s] in [-1, 1]; low_res is first noised at aug_level."""
+             match_low_res: bool | None = None, progress: bool = True) -> torch.Tensor:
+    """low_res [B, 3, s, s] in [-1, 1] -> [B, 3, k*s, k*s] in [-1, 1]; low_res is first noised at aug_level.
+
+    match_low_res replaces the output's low frequencies with the input's (afterwards downsample(out) equals
+    low_res): a small or briefly trained upsampler keeps its detail but cannot shift colours or tint the
+    background. None: on for unclip's own upsamplers, off for imported ones (Karlo's are used as published).
+    """
     c = model.config
     if low_res.ndim != 4 or low_res.shape[1] != c.in_channels:
         raise ValueError(f"low_res must be [B, {c.in_channels}, s, s], got {tuple(low_res.shape)}")
@@ -91,9 +97,13 @@ def upsample(model, low_res: torch.Tensor, *, scheduler="ddim", num_steps: int =
     down = 2 ** (len(c.block_out_channels) - 1)
     if shape[-1] % down or shape[-2] % down:
         raise ValueError(f"the upsampled side ({shape[-2]}x{shape[-1]}) must divide by {down} (UNet levels)")
-    low_res = corrupt(low_res.float(), aug_level, generator=generator)  # Imagen: condition on a noised input
+    clean = low_res.float()
+    low_res = corrupt(clean, aug_level, generator=generator)  # Imagen: condition on a noised input
     x_T = initial_noise(shape, latents, generator, low_res.device)
     model_fn = lambda x_t, t: model(x_t, t, low_res, aug_level)  # noqa: E731
     x_0 = denoise(model_fn, x_T, make_stage_scheduler(scheduler, c), num_steps, generator=generator, eta=eta,
                   progress=progress, desc=f"upsampler {c.image_size}")
+    if match_low_res or (match_low_res is None and isinstance(model, Upsampler)):
+        residual = clean - downsample(x_0.float(), h)                              # [B, 3, s, s]
+        x_0 = x_0 + F.interpolate(residual, size=shape[-2:], mode="bicubic", align_corners=False)
     return x_0.clamp(-1, 1)

@@ -41,7 +41,7 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(setup):
     victim = subprocess.Popen(prior_command(setup / "b", data, steps), env=ENV, cwd=Path(__file__).parents[1],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     run_dir = setup / "b" / "runs" / "prior"
-    deadline = time.time() + 120
+    deadline = time.time() + 600
     while time.time() < deadline and not [s for s, _ in list_checkpoints(run_dir) if s >= 6]:
         time.sleep(0.05)
     os.kill(victim.pid, signal.SIGKILL)

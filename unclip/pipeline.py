@@ -49,7 +49,7 @@ class SamplingSettings:
     dynamic_threshold: float | None = None  # Imagen's dynamic thresholding percentile, e.g. 0.995
     upsampler_sampler: str = "ddim"
     upsampler_steps: int = 10
-    aug_level: float = 0.2                # upsamplers' noise-augmentation level (0.2 keeps colours; measured on emoji)
+    aug_level: float = 0.0                # noise-augmentation level given to the upsamplers
 
     def __post_init__(self):
         for name in ("prior_sampler", "decoder_sampler", "upsampler_sampler"):
