@@ -161,6 +161,7 @@ def parse_args():
     parser.add_argument("--model", default=None, help="also check bf16 vs fp32 samples of this model folder / name")
     parser.add_argument("--markdown", type=Path, default=None, help="default docs/BENCHMARKS.md (not with --quick)")
     parser.add_argument("--no-accuracy", action="store_true", help="skip the bf16-vs-fp32 check")
+    parser.add_argument("--no-speed", action="store_true", help="only the bf16-vs-fp32 check")
     parser.add_argument("--timeout", type=int, default=1800)
     args = parser.parse_args()
     args.rounds = args.rounds or (1 if args.quick else 3)
@@ -170,7 +171,7 @@ def parse_args():
 def main() -> None:
     args = parse_args()
     machine = report.machine()
-    workloads = args.workload or ["W1", "W3"]
+    workloads = [] if args.no_speed else args.workload or ["W1", "W3"]
     results = {w: {levers: [] for levers in CONFIGS[w]} for w in workloads}
     start = time.perf_counter()
     for r in range(args.rounds):
