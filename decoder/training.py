@@ -21,7 +21,7 @@ from unclip.clip import ClipEncoder
 from unclip.config import config_from_dict, config_to_dict, read_json
 from unclip.data.encode import encode_captions, encode_readable_images, read_or_skip
 from unclip.images import make_grid, tensor_to_pil
-from unclip.training import Hooks, TrainConfig, train
+from unclip.training import Hooks, TrainConfig, split_heldout, train
 
 from .config import DecoderConfig, UpsamplerConfig, decoder_preset, upsampler_preset
 from .loss import decoder_loss, upsampler_loss
@@ -46,13 +46,6 @@ def as_map_style(dataset) -> Dataset:
         return dataset
     warnings.warn("decoder training reads streamed shards into memory once (to encode them with CLIP)", stacklevel=3)
     return list(dataset.unsplit() if hasattr(dataset, "unsplit") else dataset)  # every process: all shards
-
-
-def split_heldout(n: int, heldout: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(train rows, held-out rows): at most `heldout` samples and at most a tenth of the data held out."""
-    k = min(heldout, n // 10)
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    return order[k:].sort().values, order[:k].sort().values
 
 
 class DecoderDataset(Dataset):

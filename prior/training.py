@@ -17,7 +17,7 @@ from unclip.clip import ClipEncoder
 from unclip.config import config_from_dict, config_to_dict, read_json
 from unclip.data.embeddings import embed_pairs, is_embeddings_dir
 from unclip.eval.prior import prior_metrics
-from unclip.training import Hooks, TrainConfig, train
+from unclip.training import Hooks, TrainConfig, split_heldout, train
 
 from .config import PriorConfig, prior_preset
 from .loss import prior_loss
@@ -44,13 +44,6 @@ def subset(emb: dict, rows: torch.Tensor) -> dict:
     """The samples `rows` of encoded pairs (per-caption tensors are shared)."""
     return {**emb, "image_emb": emb["image_emb"][rows], "text_emb": emb["text_emb"][rows],
             "index": emb["index"][rows], "captions": [emb["captions"][int(r)] for r in rows]}
-
-
-def split_heldout(n: int, heldout: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(train rows, held-out rows): at most `heldout` samples and at most a tenth of the data held out."""
-    k = min(heldout, n // 10)
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    return order[k:].sort().values, order[:k].sort().values
 
 
 def make_prior_config(clip: ClipEncoder, preset: str = "tiny", config: PriorConfig | None = None) -> PriorConfig:

@@ -203,6 +203,13 @@ def infinite(loader):
                              "list, or every sample unreadable?)")
 
 
+def split_heldout(n: int, heldout: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train rows, held-out rows): at most `heldout` samples and at most a tenth of the data held out."""
+    k = min(heldout, n // 10)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return order[k:].sort().values, order[:k].sort().values
+
+
 # ---------------------------------------------------------------- EMA, learning rate, checkpoints
 
 
