@@ -341,6 +341,7 @@ def eval_prior_cmd(model_dir, data, out, sampler, steps, guidance, limit, batch_
 # DECODER-COMMANDS-BEGIN
 DECODER_PRESET_NAMES = ["tiny", "small", "base-64"]            # decoder.config.DECODER_PRESETS (checked by a test)
 UPSAMPLER_PRESET_NAMES = ["tiny-64", "small-64", "tiny-256"]   # decoder.config.UPSAMPLER_PRESETS (checked)
+DECODER_TEXT_ENCODERS = ["clip", "transformer"]                # decoder.config.TEXT_ENCODERS (checked)
 
 
 def stage_options(fn):
@@ -382,21 +383,26 @@ def _given(**fields) -> dict:
               help="Training probability of dropping the caption for guidance [default: the preset's, 0.5].")
 @click.option("--image-drop", type=click.FloatRange(0, 1, max_open=True), default=None,
               help="Training probability of dropping the image embedding [default: the preset's, 0.1].")
+@click.option("--text-encoder", type=click.Choice(DECODER_TEXT_ENCODERS), default=None,
+              help="Caption tokens: CLIP's token states, or a small text transformer trained with the decoder "
+                   "(GLIDE's) [default: the preset's, clip].")
 @train_options
 @friendly_errors
-def train_decoder_cmd(model_dir, data, preset, text_drop, image_drop, prediction, min_snr, sample_every,
-                      sample_steps, heldout, resume, run_dir, quiet, **kw):
+def train_decoder_cmd(model_dir, data, preset, text_drop, image_drop, text_encoder, prediction, min_snr,
+                      sample_every, sample_steps, heldout, resume, run_dir, quiet, **kw):
     """Train the decoder: CLIP image embedding (+ caption tokens) -> base image.
 
     \b
     unclip train decoder --model models/shapes --data data/shapes/train --steps 20000 --bf16
     unclip train decoder --model models/shapes --data data/shapes/train --preset small --text-drop 0.2
+    unclip train decoder --model models/shapes --data data/shapes/train --text-encoder transformer
     """
     from decoder.config import decoder_preset
     from decoder.training import train_decoder
 
     config = decoder_preset(preset, **_given(text_drop_prob=text_drop, image_drop_prob=image_drop,
-                                             prediction_type=prediction, min_snr_gamma=min_snr))
+                                             text_encoder=text_encoder, prediction_type=prediction,
+                                             min_snr_gamma=min_snr))
     train_decoder(model_dir, data, train_config=make_train_config(kw, sample_every=sample_every), config=config,
                   run_dir=run_dir, resume=resume, heldout=heldout, sample_steps=sample_steps, progress=not quiet)
     click.echo(f"wrote {model_dir}/decoder")

@@ -23,12 +23,15 @@ class DecoderConfig:
     norm_num_groups: int = 32                            # GroupNorm groups (every width must divide by it)
     cross_attention_dim: int = 128                       # C, width of the context tokens
     embed_dim: int = 0                                   # D, CLIP embedding size (0: taken from the CLIP)
-    text_width: int = 0                                  # W, CLIP text-token width (0: taken from the CLIP)
+    text_width: int = 0                                  # W, text-token width (0: taken from the CLIP)
     context_length: int = 0                              # L, CLIP text context (0: taken from the CLIP)
     num_image_tokens: int = 4                            # extra context tokens projected from image_emb
     image_drop_prob: float = 0.1                         # CFG: image_emb -> learned null embedding in training
     text_drop_prob: float = 0.5                          # CFG: text tokens -> learned null tokens in training
     text_encoder: str = "clip"                           # "clip": CLIP's token states; "transformer": GLIDE's own
+    text_layers: int = 4                                 # "transformer": causal layers of the text transformer
+    text_heads: int = 4                                  # "transformer": attention heads (W must divide by it)
+    text_vocab_size: int = 0                             # "transformer": token ids (0: the CLIP tokenizer's)
     prediction_type: str = "epsilon"                     # "epsilon" | "v_prediction"
     min_snr_gamma: float = 5.0                           # min-SNR-gamma loss weighting (Hang et al. 2023); 0: off
     num_train_timesteps: int = 1000
@@ -43,6 +46,12 @@ class DecoderConfig:
                 raise ValueError(f"DecoderConfig.{name} must be in [0, 1), got {getattr(self, name)}")
         if self.text_encoder not in TEXT_ENCODERS:
             raise ValueError(f"DecoderConfig.text_encoder must be one of {TEXT_ENCODERS}, got {self.text_encoder!r}")
+        if self.text_layers < 1 or self.text_heads < 1 or self.text_vocab_size < 0:
+            raise ValueError(f"DecoderConfig: text_layers ({self.text_layers}) and text_heads ({self.text_heads}) "
+                             f"must be >= 1 and text_vocab_size ({self.text_vocab_size}) >= 0")
+        if self.text_encoder == "transformer" and self.text_width % self.text_heads:
+            raise ValueError(f"DecoderConfig: text_width ({self.text_width}) must divide by text_heads "
+                             f"({self.text_heads})")
 
 
 @dataclass

@@ -3,6 +3,8 @@
 Ramesh et al. 2022 ("DALL-E 2"), sec. 2.1: "we modify the architecture described in Nichol et al. (2021) by
 projecting and adding CLIP embeddings to the existing timestep embedding, and by projecting CLIP embeddings
 into four extra tokens of context that are concatenated to the sequence of outputs from the GLIDE text encoder."
+The text tokens are CLIP's final token states (text_encoder="clip") or the states of GLIDE's own small text
+transformer, trained with the decoder from the CLIP tokenizer's ids (text_encoder="transformer").
 
 The UNet is GLIDE's (ADM with attention layers that also attend to the context tokens: diffusers'
 SimpleCrossAttn blocks, as in Karlo). The conditioning module keeps the parameter names and shapes of
@@ -13,7 +15,7 @@ Einstein notation:
     S  image side
     D  CLIP embedding size (image_emb)
     L  text context (CLIP's text tokens)
-    W  CLIP text-token width
+    W  text-token width (CLIP's, or the decoder's own text transformer's)
     K  extra context tokens projected from image_emb (num_image_tokens, 4)
     C  context-token width (cross_attention_dim)
     T  UNet time-embedding width (4 x block_out_channels[0])
@@ -26,6 +28,7 @@ import os
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import x_transformers
 from diffusers import UNet2DConditionModel
 
 from unclip.checkpoint import load_component, load_weights_into, save_component
@@ -40,6 +43,26 @@ def drop_mask(batch: int, prob: float, force: torch.Tensor | None, training: boo
     if training and prob > 0:
         return torch.rand(batch, device=device) < prob
     return torch.zeros(batch, dtype=torch.bool, device=device)
+
+
+class TextTransformer(nn.Module):
+    """GLIDE's text encoder, trained with the decoder: token ids [B, L] -> token states [B, L, W].
+
+    Nichol et al. 2021 ("GLIDE"): "To condition on the text, we first encode it into a sequence of K tokens,
+    and feed these tokens into a Transformer model." Causal, like GLIDE's (and CLIP's): the final token's
+    state, which goes to the time embedding, sees the whole caption, and no real token attends to padding.
+    """
+
+    def __init__(self, config: DecoderConfig):
+        super().__init__()
+        W = config.text_width
+        self.transformer = x_transformers.TransformerWrapper(
+            num_tokens=config.text_vocab_size, max_seq_len=config.context_length, return_only_embed=True,
+            attn_layers=x_transformers.Decoder(dim=W, depth=config.text_layers, heads=config.text_heads,
+                                               attn_dim_head=W // config.text_heads))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.transformer(ids)  # token + position embeddings, causal layers, final LayerNorm: [B, L, W]
 
 
 class ImageTextEmbedder(nn.Module):
@@ -116,16 +139,17 @@ class Decoder(nn.Module):
         if min(config.embed_dim, config.text_width, config.context_length) < 1:
             raise ValueError("DecoderConfig needs embed_dim, text_width and context_length from the CLIP "
                              f"(got {config.embed_dim}, {config.text_width}, {config.context_length})")
-        if config.text_encoder == "transformer":
-            raise ValueError("text_encoder='transformer' (GLIDE's own text transformer) is not implemented yet; "
-                             "use text_encoder='clip'")
+        if config.text_encoder == "transformer" and config.text_vocab_size < 1:
+            raise ValueError("text_encoder='transformer' needs text_vocab_size from the CLIP tokenizer "
+                             f"(got {config.text_vocab_size})")
         self.config = config
+        self.text_encoder = TextTransformer(config) if config.text_encoder == "transformer" else None
         self.unet = UNet2DConditionModel(**unet_kwargs(config))
         self.text_proj = ImageTextEmbedder(config, time_embed_dim=4 * config.block_out_channels[0])
         self.initialize_weights()
 
     def initialize_weights(self):
-        # The UNet keeps diffusers' initialisation.
+        # The UNet keeps diffusers' initialisation, the text transformer (if any) x-transformers'.
         # The two projections into the time embedding start at zero: the UNet starts as a plain
         # timestep-conditioned ADM and the CLIP offset grows from there (adaLN-Zero / ControlNet style).
         for layer in (self.text_proj.clip_image_embeddings_project_to_time_embeddings, self.text_proj.embedding_proj):
@@ -135,18 +159,26 @@ class Decoder(nn.Module):
         nn.init.zeros_(self.text_proj.learned_classifier_free_guidance_embeddings)
         nn.init.zeros_(self.text_proj.null_text_tokens)
 
-    def _check(self, x_t, image_emb, text_tokens, mask) -> None:
+    def _check(self, x_t, image_emb) -> None:
         c = self.config
         B = x_t.shape[0]
         if x_t.ndim != 4 or x_t.shape[1] != c.in_channels:
             raise ValueError(f"x_t must be [B, {c.in_channels}, S, S], got {tuple(x_t.shape)}")
         if tuple(image_emb.shape) != (B, c.embed_dim):
             raise ValueError(f"image_emb must be [{B}, {c.embed_dim}], got {tuple(image_emb.shape)}")
-        if tuple(text_tokens.shape) != (B, c.context_length, c.text_width):
-            raise ValueError(f"text_tokens must be [{B}, {c.context_length}, {c.text_width}], "
+
+    def _check_text(self, batch: int, text_tokens, mask) -> None:
+        c = self.config
+        if self.text_encoder is None and tuple(text_tokens.shape) != (batch, c.context_length, c.text_width):
+            raise ValueError(f"text_tokens must be [{batch}, {c.context_length}, {c.text_width}], "
                              f"got {tuple(text_tokens.shape)}")
-        if tuple(mask.shape) != (B, c.context_length):
-            raise ValueError(f"mask must be [{B}, {c.context_length}], got {tuple(mask.shape)}")
+        if self.text_encoder is not None and (tuple(text_tokens.shape) != (batch, c.context_length)
+                                              or text_tokens.is_floating_point()):
+            raise ValueError(f"this decoder has its own text transformer: text_tokens must be token ids "
+                             f"[{batch}, {c.context_length}] (ClipEncoder.tokenize), got {text_tokens.dtype} "
+                             f"{tuple(text_tokens.shape)}")
+        if tuple(mask.shape) != (batch, c.context_length):
+            raise ValueError(f"mask must be [{batch}, {c.context_length}], got {tuple(mask.shape)}")
 
     def _no_text(self, batch: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Placeholder text tokens, mask and an all-True text drop (the null text replaces them)."""
@@ -158,11 +190,16 @@ class Decoder(nn.Module):
     def forward(self, x_t, t, image_emb, text_tokens, mask, force_drop_image=None, force_drop_text=None):
         """x_t [B, 3, S, S], t [B] or scalar, image_emb [B, D], text_tokens [B, L, W], mask [B, L] -> [B, 3, S, S].
 
+        text_tokens are CLIP's token states [B, L, W], or token ids [B, L] for text_encoder="transformer".
         text_tokens=None (and mask=None) means no caption: the learned null text, as when the text is dropped.
         """
+        self._check(x_t, image_emb)
         if text_tokens is None:
             text_tokens, mask, force_drop_text = self._no_text(x_t.shape[0], x_t.device)
-        self._check(x_t, image_emb, text_tokens, mask)
+        else:
+            self._check_text(x_t.shape[0], text_tokens, mask)
+            if self.text_encoder is not None:
+                text_tokens = self.text_encoder(text_tokens)                 # ids [B, L] -> states [B, L, W]
         context, context_mask, time_offset = self.text_proj(image_emb, text_tokens, mask, force_drop_image,
                                                             force_drop_text)
         t = torch.as_tensor(t, device=x_t.device).reshape(-1).expand(x_t.shape[0])  # [B]

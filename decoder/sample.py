@@ -43,8 +43,8 @@ def sample_decoder(model, image_emb, text_tokens, mask, *, scheduler="ddim", num
                    guidance_scale: float = 3.0, text_guidance_scale: float | None = None, eta: float | None = None,
                    dynamic_threshold: float | None = None, generator: torch.Generator | None = None,
                    latents: torch.Tensor | None = None, prior_free: bool = False, progress: bool = True) -> dict:
-    """image_emb [B, D] (None when prior_free), text_tokens [B, L, W] and mask [B, L] (None: no caption)
-    -> {images [B, 3, S, S] in [-1, 1], latents: the initial noise x_T}.
+    """image_emb [B, D] (None when prior_free), text_tokens [B, L, W] (token ids [B, L] for a decoder with its
+    own text transformer) and mask [B, L] (None: no caption) -> {images [B, 3, S, S] in [-1, 1], latents: x_T}.
 
     Guidance over [null, image only, image + text]: pred = p_null + guidance_scale * (p_image - p_null)
     + text_guidance_scale * (p_image_text - p_image). prior_free nulls the image embedding: [null, text only];

@@ -49,7 +49,11 @@ def as_map_style(dataset) -> Dataset:
 
 
 class DecoderDataset(Dataset):
-    """Items for decoder_loss: the image at the decoder's size, its image_emb, its caption's tokens and mask."""
+    """Items for decoder_loss: the image at the decoder's size, its image_emb, its caption's tokens and mask.
+
+    text["text_tokens"] holds CLIP's token states [U, L, W] (fp16), or token ids [U, L] for a decoder with its
+    own text transformer.
+    """
 
     def __init__(self, source, rows: torch.Tensor, image_emb: torch.Tensor, text: dict, image_size: int):
         self.source, self.rows, self.image_emb, self.text, self.image_size = source, rows, image_emb, text, image_size
@@ -61,17 +65,24 @@ class DecoderDataset(Dataset):
         row = int(self.rows[i])
         caption = int(self.text["index"][row])
         image = downsample(self.source[row]["image"][None], self.image_size)[0]  # [3, H, H] -> [3, S, S]
+        tokens = self.text["text_tokens"][caption]
         return {"image": image, "image_emb": self.image_emb[row],
-                "text_tokens": self.text["text_tokens"][caption].float(), "mask": self.text["mask"][caption]}
+                "text_tokens": tokens.float() if tokens.is_floating_point() else tokens,
+                "mask": self.text["mask"][caption]}
 
 
 # ---------------------------------------------------------------- configs
 
 
 def make_decoder_config(clip: ClipEncoder, preset: str = "tiny", config: DecoderConfig | None = None) -> DecoderConfig:
-    """The preset (or config) with D, W and L from the CLIP; non-zero values that disagree with it raise."""
-    dims = dict(embed_dim=clip.embed_dim, text_width=clip.text_width, context_length=clip.context_length)
+    """The preset (or config) with D, W and L from the CLIP; non-zero values that disagree with it raise.
+
+    A decoder with its own text transformer also takes the tokenizer's vocabulary size, and W only by default.
+    """
     config = config if config is not None else decoder_preset(preset)
+    dims = dict(embed_dim=clip.embed_dim, text_width=clip.text_width, context_length=clip.context_length)
+    if config.text_encoder == "transformer":
+        dims.update(text_width=config.text_width or clip.text_width, text_vocab_size=clip.vocab_size)
     wrong = {k: (getattr(config, k), v) for k, v in dims.items() if getattr(config, k) not in (0, v)}
     if wrong:
         raise ValueError(f"decoder config does not fit the CLIP (config, CLIP): {wrong}")
@@ -157,6 +168,8 @@ def train_decoder(model_dir: str | os.PathLike, data, *, train_config: TrainConf
     config = make_decoder_config(clip, preset, config)
     source = as_map_style(open_data(data, max(config.image_size, clip.image_size)))
     source, image_emb, text, skipped = encode_pairs(clip, source, progress)
+    if config.text_encoder == "transformer":  # the decoder's own text transformer reads token ids [U, L]
+        text = {**text, "text_tokens": clip.tokenize(text["captions"], warn=False)}
     train_rows, heldout_rows = split_heldout(len(image_emb), heldout, train_config.seed)
     shown_rows = heldout_rows if len(heldout_rows) else train_rows[:4]
     shown = torch.utils.data.default_collate(

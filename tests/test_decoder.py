@@ -8,16 +8,16 @@ from click.testing import CliRunner
 from PIL import Image
 from torch.utils.data import Dataset
 
-from decoder.config import DecoderConfig, UpsamplerConfig, decoder_preset, upsampler_preset
+from decoder.config import TEXT_ENCODERS, DecoderConfig, UpsamplerConfig, decoder_preset, upsampler_preset
 from decoder.loss import decoder_loss, min_snr_weight, upsampler_loss
 from decoder.model import Decoder
 from decoder.sample import make_stage_scheduler, sample_decoder, upsample
-from decoder.training import train_decoder, train_upsampler
+from decoder.training import make_decoder_config, train_decoder, train_upsampler
 from decoder.upsampler import Upsampler, corrupt, gaussian_blur
 from unclip.sampling import denoise
 from unclip.training import TrainConfig, list_checkpoints, read_metrics
 
-B, S, D, L, W = 3, 16, 16, 16, 32
+B, S, D, L, W, V = 3, 16, 16, 16, 32, 40
 CAPTIONS = ["a red circle", "a blue square", "two green triangles", "a large yellow circle"]
 
 
@@ -59,9 +59,27 @@ def cond(batch: int = B, seed: int = 0) -> dict:
                 mask=mask)
 
 
+def ids_cond(batch: int = B, seed: int = 0) -> dict:
+    """cond() with token ids [B, L] (6 real tokens, then padding id 0) for a decoder with its own text transformer."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.zeros(batch, L, dtype=torch.long)
+    ids[:, :6] = torch.randint(1, V, (batch, 6), generator=g)
+    return dict(image_emb=torch.randn(batch, D, generator=g), text_tokens=ids, mask=ids != 0)
+
+
+def transformer_config(**fields) -> DecoderConfig:
+    return tiny_decoder_config(**{**dict(text_encoder="transformer", text_layers=1, text_heads=2, text_vocab_size=V),
+                                  **fields})
+
+
 @pytest.fixture
 def decoder():
     return perturbed(Decoder(tiny_decoder_config())).eval()
+
+
+@pytest.fixture
+def transformer_decoder():
+    return perturbed(Decoder(transformer_config())).eval()
 
 
 @pytest.fixture
@@ -122,8 +140,13 @@ def test_decoder_save_load_identical(decoder, tmp_path):
 
 
 def test_config_errors():
-    with pytest.raises(ValueError, match="not implemented"):
-        Decoder(tiny_decoder_config(text_encoder="transformer"))
+    with pytest.raises(ValueError, match="text_encoder must be one of"):
+        tiny_decoder_config(text_encoder="bert")
+    for bad in (dict(text_layers=0), dict(text_heads=0), dict(text_vocab_size=-1), dict(text_heads=3)):
+        with pytest.raises(ValueError, match="text_layers|text_heads"):
+            transformer_config(**bad)
+    with pytest.raises(ValueError, match="text_vocab_size from the CLIP"):
+        Decoder(transformer_config(text_vocab_size=0))
     with pytest.raises(ValueError, match="text_drop_prob"):
         tiny_decoder_config(text_drop_prob=1.5)
     with pytest.raises(ValueError, match="unknown decoder preset"):
@@ -141,6 +164,64 @@ def test_min_snr_weight():
     v = min_snr_weight(a, 5.0, "v_prediction")
     torch.testing.assert_close(v, torch.tensor([5 / 1000, 0.5, 0.001 / 0.999 / (1 + 0.001 / 0.999)]), rtol=1e-3,
                                atol=0)
+
+
+# ---------------------------------------------------------------- text_encoder="transformer" (GLIDE's own)
+
+
+def test_transformer_decoder_shapes_and_inputs(transformer_decoder):
+    x, t = torch.randn(B, 3, S, S), torch.tensor([0, 500, 999])
+    assert transformer_decoder(x, t, **ids_cond()).shape == (B, 3, S, S)
+    assert transformer_decoder.text_encoder(ids_cond()["text_tokens"]).shape == (B, L, W)
+    with pytest.raises(ValueError, match="token ids"):    # CLIP's token states are not what it reads
+        transformer_decoder(x, t, **cond())
+    with pytest.raises(ValueError, match="text_tokens must be"):
+        Decoder(tiny_decoder_config()).eval()(x, t, **ids_cond())
+
+
+def test_transformer_decoder_loss_reaches_every_parameter():
+    model = Decoder(transformer_config(image_drop_prob=0.5, text_drop_prob=0.5)).train()
+    loss, logs = decoder_loss(model, {"image": torch.rand(16, 3, S, S) * 2 - 1, **ids_cond(16)})
+    assert torch.isfinite(loss) and torch.isfinite(logs["mse"])
+    loss.backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not missing, missing
+    assert any(n.startswith("text_encoder.") for n, _ in model.named_parameters())
+
+
+def test_transformer_decoder_reads_the_caption(transformer_decoder):
+    decoder, x, t, c = transformer_decoder, torch.randn(B, 3, S, S), torch.full((B,), 400), ids_cond()
+    out = decoder(x, t, **c)
+    other = ids_cond(seed=1)
+    assert not torch.allclose(out, decoder(x, t, **{**c, "text_tokens": other["text_tokens"]}))
+    ids = c["text_tokens"].clone()
+    ids[:, 10:] = 7                                       # padding: masked out, and causal attention never sees it
+    torch.testing.assert_close(out, decoder(x, t, **{**c, "text_tokens": ids}))
+    drop = torch.ones(B, dtype=torch.bool)                # no caption = the learned null text
+    torch.testing.assert_close(decoder(x, t, c["image_emb"], None, None), decoder(x, t, **c, force_drop_text=drop))
+    images = sample_decoder(decoder, **ids_cond(2), num_steps=2, generator=torch.Generator().manual_seed(0),
+                            progress=False)["images"]
+    assert images.shape == (2, 3, S, S) and torch.isfinite(images).all()
+
+
+def test_transformer_decoder_save_load_identical(transformer_decoder, tmp_path):
+    transformer_decoder.save(tmp_path / "decoder")
+    loaded = Decoder.load(tmp_path / "decoder")
+    assert loaded.config == transformer_decoder.config
+    x = torch.randn(B, 3, S, S)
+    torch.testing.assert_close(transformer_decoder(x, 7, **ids_cond()), loaded(x, 7, **ids_cond()), rtol=0, atol=0)
+
+
+def test_make_decoder_config_for_a_transformer(tiny_clip):
+    free = dict(embed_dim=0, text_width=0, context_length=0, text_vocab_size=0)
+    config = make_decoder_config(tiny_clip, config=transformer_config(**free))
+    assert (config.text_width, config.context_length, config.text_vocab_size) == (W, L, tiny_clip.vocab_size)
+    wide = make_decoder_config(tiny_clip, config=transformer_config(**{**free, "text_width": 48}))
+    assert wide.text_width == 48                         # its own width; CLIP decoders must match the CLIP's
+    with pytest.raises(ValueError, match="does not fit the CLIP"):
+        make_decoder_config(tiny_clip, config=tiny_decoder_config(**{**free, "text_width": 48}))
+    with pytest.raises(ValueError, match="does not fit the CLIP"):
+        make_decoder_config(tiny_clip, config=transformer_config(**{**free, "text_vocab_size": 7}))
 
 
 # ---------------------------------------------------------------- sampling
@@ -278,6 +359,24 @@ def test_train_decoder_resumes_from_saved_step(model_dir):
         train_decoder(model_dir, Pairs(12, 32), train_config=train_config, **run)
 
 
+def test_train_transformer_decoder_then_generate(model_dir):
+    from conftest import make_tiny_pipeline
+    from unclip.clip import ClipEncoder
+    from unclip.pipeline import UnCLIPPipeline
+
+    config = transformer_config(image_size=8, embed_dim=0, text_width=0, context_length=0, text_vocab_size=0)
+    train_config = TrainConfig(steps=2, batch_size=4, warmup_steps=1, checkpoint_every=2)
+    train_decoder(model_dir, Pairs(8, 32), train_config=train_config, config=config, heldout=2, sample_steps=1,
+                  progress=False)
+    clip, decoder = ClipEncoder.load(model_dir / "clip"), Decoder.load(model_dir / "decoder")
+    assert decoder.config.text_vocab_size == clip.vocab_size and decoder.text_encoder is not None
+    tiny = make_tiny_pipeline()                           # its prior and 8 -> 16 px upsampler fit this CLIP's sizes
+    pipe = UnCLIPPipeline(clip, tiny.prior, decoder, tiny.upsamplers)
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe.generate(["a red circle", "a blue square"], seed=0, prior_steps=2, decoder_steps=2, upsampler_steps=2)
+    assert [image.size for image in out.images] == [(16, 16)] * 2 and out.base.shape == (2, 3, 8, 8)
+
+
 def test_train_upsampler(model_dir):
     train_config = TrainConfig(steps=1, batch_size=2, warmup_steps=1, checkpoint_every=1)
     train_upsampler(model_dir, Pairs(4, S), size=S, train_config=train_config, config=tiny_upsampler_config(),
@@ -305,6 +404,10 @@ def test_cli_train_decoder_and_upsampler(model_dir, tmp_path):
     result = runner.invoke(main, ["train", "decoder", *common, "--text-drop", "0.3"])
     assert result.exit_code == 0, result.output
     assert Decoder.load(model_dir / "decoder").config.text_drop_prob == 0.3
+    result = runner.invoke(main, ["train", "decoder", *common, "--text-encoder", "transformer",
+                                  "--run-dir", str(tmp_path / "run-glide")])
+    assert result.exit_code == 0, result.output
+    assert Decoder.load(model_dir / "decoder").text_encoder is not None
     result = runner.invoke(main, ["train", "upsampler", *common, "--size", "64", "--aug-max", "0.2"])
     assert result.exit_code == 0, result.output
     assert (model_dir / "upsampler_64" / "model.safetensors").is_file()
@@ -321,3 +424,4 @@ def test_cli_preset_lists_match_the_configs():
 
     assert cli.DECODER_PRESET_NAMES == list(DECODER_PRESETS)
     assert cli.UPSAMPLER_PRESET_NAMES == list(UPSAMPLER_PRESETS)
+    assert cli.DECODER_TEXT_ENCODERS == list(TEXT_ENCODERS)

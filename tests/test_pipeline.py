@@ -1,5 +1,6 @@
 """UnCLIPPipeline end to end on a tiny random model: every use, determinism, save/load, errors."""
 
+import dataclasses
 import shutil
 
 import numpy as np
@@ -130,6 +131,34 @@ def test_missing_component_and_mismatched_sizes(pipe, tmp_path):
     wrong = DiffusionPrior(PriorConfig(embed_dim=8, text_width=32, context_length=16, width=32, depth=1, heads=2))
     with pytest.raises(ValueError, match="different models"):
         UnCLIPPipeline(pipe.clip, wrong, pipe.decoder, pipe.upsamplers)
+
+
+def test_decoder_with_its_own_text_transformer(pipe, tmp_path):
+    from decoder.model import Decoder
+
+    config = dataclasses.replace(pipe.decoder.config, text_encoder="transformer", text_layers=1, text_heads=2,
+                                 text_vocab_size=pipe.clip.vocab_size)
+    decoder = Decoder(config).eval()
+    with torch.no_grad():
+        for p in decoder.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    glide = UnCLIPPipeline(pipe.clip, pipe.prior, decoder, pipe.upsamplers)
+    glide.set_progress_bar_config(disable=True)
+    _, ids, mask = glide.decoder_text(["a red circle"])
+    assert ids.dtype == torch.long and ids.shape == (1, 16) and torch.equal(mask, ids != 0)
+    out = glide.generate(["a red circle", "a blue square"], seed=0, **FAST)
+    assert [image.size for image in out.images] == [(16, 16)] * 2
+    swapped = glide.generate(["a blue square", "a red circle"], image_emb=out.image_emb, latents=out.latents, **FAST)
+    assert not torch.equal(swapped.base, out.base)      # same embeddings and noise: only the captions differ
+    glide.save_pretrained(tmp_path / "m")
+    loaded = UnCLIPPipeline.from_pretrained(tmp_path / "m")
+    loaded.set_progress_bar_config(disable=True)
+    again = loaded.generate(["a red circle", "a blue square"], seed=0, **FAST)
+    assert np.array_equal(pixels(out.images), pixels(again.images))
+    assert len(glide.vary(Image.new("RGB", (16, 16), (220, 30, 30)), seed=0, **FAST).images) == 1  # no caption
+    wrong = Decoder(dataclasses.replace(config, text_vocab_size=config.text_vocab_size + 1))
+    with pytest.raises(ValueError, match="different models"):
+        UnCLIPPipeline(pipe.clip, pipe.prior, wrong, pipe.upsamplers)
 
 
 def test_bad_settings_fail_loudly(pipe):

@@ -199,6 +199,11 @@ class ClipEncoder(torch.nn.Module):
         return int(self.model.context_length)
 
     @property
+    def vocab_size(self) -> int:
+        """V, how many token ids `tokenize` can give."""
+        return int(self.model.token_embedding.num_embeddings)
+
+    @property
     def image_size(self) -> int:
         size = self.model.visual.image_size
         return int(size[0] if isinstance(size, (tuple, list)) else size)

@@ -162,6 +162,16 @@ class UnCLIPPipeline:
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         return self.clip.encode_text(prompts)
 
+    def decoder_text(self, prompts: str | Sequence[str], text=None):
+        """What the decoder reads of the prompts: encode_text's (text_emb, text_tokens, mask), with token ids
+        [B, L] in place of the token states for a decoder with its own text transformer."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        text = text if text is not None else self.encode_text(prompts)
+        if getattr(self.decoder.config, "text_encoder", "clip") != "transformer":
+            return text
+        ids = self.clip.tokenize(prompts, warn=False).to(self.device)  # [B, L]
+        return text[0], ids, ids != 0
+
     def encode_image(self, images) -> torch.Tensor:
         """Paths, PIL images or a [B, 3, H, W] tensor in [-1, 1] -> image_emb [B, D] (unit length)."""
         return self.clip.encode_image(_as_images(images))
@@ -189,7 +199,7 @@ class UnCLIPPipeline:
     def decode(self, image_emb: torch.Tensor, text=None, settings: SamplingSettings | dict | None = None,
                seeds: Sequence[int] | None = None, generator: torch.Generator | None = None,
                latents: dict[str, torch.Tensor] | None = None, prior_free: bool = False) -> UnCLIPOutput:
-        """Decoder + upsamplers: image_emb [B, D] (and optional text encodings) -> images.
+        """Decoder + upsamplers: image_emb [B, D] (and optional text encodings, `decoder_text`) -> images.
 
         `latents` maps "decoder" and "upsampler_<size>" to initial noise; missing ones are drawn from
         `seeds` (one per image) or `generator`.
@@ -241,7 +251,8 @@ class UnCLIPPipeline:
         elif image_emb is None:
             image_emb, latents["prior"] = self.sample_image_emb(prompts, settings, seeds, generator,
                                                                 negative_prompt, latents.get("prior"), text)
-        out = self.decode(image_emb, text, settings, seeds, generator, latents, prior_free=prior_free)
+        out = self.decode(image_emb, self.decoder_text(prompts, text), settings, seeds, generator, latents,
+                          prior_free=prior_free)
         out.info = self._info("generate", settings, seed, prompts=prompts, negative_prompt=negative_prompt,
                               prior_free=prior_free)
         return out
@@ -384,7 +395,13 @@ def _check_sizes(pipe: UnCLIPPipeline) -> None:
         if module is not None and module.config.embed_dim != d:
             raise ValueError(f"the {name} expects {module.config.embed_dim}-d CLIP embeddings but the CLIP gives "
                              f"{d}-d: the components come from different models")
-    size = pipe.decoder.config.image_size
+    c = pipe.decoder.config
+    if getattr(c, "text_encoder", "clip") == "transformer" and (c.text_vocab_size, c.context_length) != (
+            pipe.clip.vocab_size, pipe.clip.context_length):
+        raise ValueError(f"the decoder reads {c.context_length} token ids of a {c.text_vocab_size}-word vocabulary "
+                         f"but the CLIP's tokenizer gives {pipe.clip.context_length} of {pipe.clip.vocab_size}: "
+                         "the components come from different models")
+    size = c.image_size
     for up in pipe.upsamplers:
         if up.config.low_res_size != size:
             raise ValueError(f"upsampler_{up.config.image_size} expects {up.config.low_res_size} px input, "
