@@ -86,7 +86,12 @@ def train_options(fn):
         click.option("--ema", "ema_decay", type=click.FloatRange(0, 1), default=0.999, show_default=True,
                      help="EMA decay of the exported weights."),
         # Run
-        click.option("--bf16", is_flag=True, help="bf16 autocast (faster on CPUs with bf16 matmul and on GPUs)."),
+        click.option("--precision", type=click.Choice(["auto", "no", "bf16", "fp16"]), default="auto",
+                     show_default=True, help="Autocast precision; auto: bf16 where the CPU or GPU does bf16 math "
+                     "natively, else fp32 (no)."),
+        click.option("--bf16", is_flag=True, help="Short for --precision bf16."),
+        click.option("--compile", "compile_model", is_flag=True,
+                     help="torch.compile the network (a minute or two of start-up; pays back on long runs)."),
         click.option("--cpu", is_flag=True, help="Train on the CPU even when a GPU is present."),
         click.option("--run-dir", type=click.Path(file_okay=False), default=None,
                      help="Checkpoints, samples and metrics.csv [default: MODEL/runs/<component>]."),
@@ -111,7 +116,9 @@ def make_train_config(kw: dict, **extra):
                  grad_clip="grad_clip", ema_decay="ema_decay", cpu="cpu", checkpoint_every="checkpoint_every",
                  workers="num_workers", seed="seed")
     values = {field: kw.pop(option) for option, field in names.items()}
-    values["mixed_precision"] = "bf16" if kw.pop("bf16") else "no"
+    values["mixed_precision"] = "bf16" if kw.pop("bf16") else kw.pop("precision")
+    kw.pop("precision", None)
+    values["compile"] = kw.pop("compile_model")
     return TrainConfig(**values, **extra)
 
 
@@ -292,7 +299,7 @@ def train_prior_cmd(model_dir, data, embeddings, preset, heldout, resume, run_di
 
     \b
     unclip train prior --model models/shapes --data data/shapes/train --steps 3000
-    unclip train prior --model models/shapes --embeddings data/shapes-emb --preset small --bf16
+    unclip train prior --model models/shapes --embeddings data/shapes-emb --preset small
     """
     from prior.training import train_prior
 
@@ -393,7 +400,7 @@ def train_decoder_cmd(model_dir, data, preset, text_drop, image_drop, text_encod
     """Train the decoder: CLIP image embedding (+ caption tokens) -> base image.
 
     \b
-    unclip train decoder --model models/shapes --data data/shapes/train --steps 20000 --bf16
+    unclip train decoder --model models/shapes --data data/shapes/train --steps 20000
     unclip train decoder --model models/shapes --data data/shapes/train --preset small --text-drop 0.2
     unclip train decoder --model models/shapes --data data/shapes/train --text-encoder transformer
     """
@@ -425,7 +432,7 @@ def train_upsampler_cmd(model_dir, data, size, preset, aug_max, blur_prob, predi
     """Train an upsampler (no text): low-res image -> SIZE px image, with noise conditioning augmentation.
 
     \b
-    unclip train upsampler --model models/shapes --data data/shapes/train --size 64 --steps 5000 --bf16
+    unclip train upsampler --model models/shapes --data data/shapes/train --size 64 --steps 5000
     """
     from decoder.config import upsampler_preset
     from decoder.training import train_upsampler
@@ -447,8 +454,9 @@ def sampling_options(fn):
         click.option("--model", default=None, help="Model folder, bundled name (emoji, shapes) or hub id "
                      "[default: the bundled emoji model]."),
         click.option("--device", default=None, help="torch device [default: cuda when present, else cpu]."),
-        click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True,
-                     help="Autocast precision of the networks."),
+        click.option("--dtype", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto",
+                     show_default=True, help="Autocast precision of the networks (auto: bf16 where the CPU or GPU "
+                     "does bf16 math natively, else fp32)."),
         # Randomness and count
         click.option("-n", "--num-images", type=click.IntRange(min=1, max=1024), default=1, show_default=True,
                      help="Images per input."),
@@ -615,7 +623,9 @@ def settings_from_png(path: str, kw: dict):
     except (ValueError, KeyError, TypeError, AttributeError) as error:
         raise click.ClickException(f"{path}: damaged unclip settings ({error.__class__.__name__}: {error}); "
                                    "give the prompt and options instead of --from-png") from None
-    kw.update(model=kw["model"] or meta.get("model"), seed=seed, num_images=1, settings=settings)
+    dtype = kw["dtype"] if kw["dtype"] != "auto" else {"float32": "fp32", "bfloat16": "bf16",
+                                                       "float16": "fp16"}.get(meta.get("dtype"), "auto")
+    kw.update(model=kw["model"] or meta.get("model"), seed=seed, num_images=1, settings=settings, dtype=dtype)
     return prompt, meta.get("negative_prompt"), bool(meta.get("prior_free")), kw
 
 

@@ -29,7 +29,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))   # the reposito
 
 import common  # noqa: E402
 
-LEVERS = ("bf16", "channels-last", "compile", "unbatched-cfg", "no-grad", "cache-text", "one-candidate", "threads-1")
+# Defaults that a lever turns off: "fp32" (unclip's precision "auto" is bf16 on CPUs with native bf16),
+# "bf16-attention" (attention stays fp32 under CPU autocast), "unbatched-cfg", "no-grad" (inference_mode).
+# Levers that a user turns on: "bf16" (force it where auto says fp32), "channels-last", "compile",
+# "cache-text", "one-candidate", "threads-1".
+LEVERS = ("fp32", "bf16", "bf16-attention", "channels-last", "compile", "unbatched-cfg", "no-grad", "cache-text",
+          "one-candidate", "threads-1")
 
 
 # ---------------------------------------------------------------- models at the workload sizes
@@ -83,13 +88,15 @@ def randomise(module, std: float = 0.02):
     return module
 
 
-def apply_unet_levers(unets, levers) -> None:
+def apply_unet_levers(unets, levers, compile_unets: bool = True) -> None:
     import torch
 
     for unet in unets:
+        if "bf16-attention" in levers and getattr(unet, "attn_processors", None):
+            unet.set_attn_processor({k: getattr(p, "processor", p) for k, p in unet.attn_processors.items()})
         if "channels-last" in levers:
             unet.to(memory_format=torch.channels_last)
-        if "compile" in levers:
+        if "compile" in levers and compile_unets:
             unet.compile()
 
 
@@ -124,12 +131,19 @@ class UnbatchedCFG(object):
         return torch.cat(outs)
 
 
+def precision(levers) -> str:
+    """unclip's precision for these levers: its default "auto" resolved on this CPU, or forced."""
+    from unclip.precision import resolve_precision
+
+    return "no" if "fp32" in levers else "bf16" if "bf16" in levers else resolve_precision("auto", "cpu")
+
+
 def autocast(levers):
     import contextlib
 
     import torch
 
-    return torch.autocast("cpu", dtype=torch.bfloat16) if "bf16" in levers else contextlib.nullcontext()
+    return torch.autocast("cpu", dtype=torch.bfloat16) if precision(levers) == "bf16" else contextlib.nullcontext()
 
 
 # ---------------------------------------------------------------- workloads
@@ -146,7 +160,7 @@ def train_rate(model, loss_fn, dataset, batch: int, warmup: int, steps: int, lev
         return loss_fn(m, b)
 
     config = TrainConfig(steps=warmup + steps + 1, batch_size=batch, checkpoint_every=10**9, log_every=10**9,
-                         mixed_precision="bf16" if "bf16" in levers else "no", cpu=True)
+                         mixed_precision=precision(levers), compile="compile" in levers, cpu=True)
     with tempfile.TemporaryDirectory() as run_dir:
         train(model, timed_loss, dataset, Path(run_dir) / "run", config, progress=False)
     return timer.rate(batch, warmup, steps)
@@ -157,7 +171,7 @@ def w1(s: dict, levers) -> tuple[dict, dict]:
     from decoder.model import Decoder
 
     model = Decoder(decoder_config(s))
-    apply_unet_levers([model.unet], levers)
+    apply_unet_levers([model.unet], levers, compile_unets=False)  # the compile lever: TrainConfig.compile
     data = common.random_pairs(s["w1_batch"] * 4, s)
     rate = train_rate(model, decoder_loss, data, s["w1_batch"], s["w1_warmup"], s["w1_steps"], levers)
     return {"images_per_s": rate}, {"params_m": common.n_params(model)}
@@ -216,8 +230,7 @@ def make_pipeline(s: dict, levers):
     apply_unet_levers([decoder.unet, upsampler.unet], levers)
     pipe = UnCLIPPipeline(clip_encoder(s), prior, decoder, [upsampler], model_id="benchmark")
     pipe.set_progress_bar_config(disable=True)
-    if "bf16" in levers:
-        pipe.to(dtype="bf16")
+    pipe.to(dtype={"no": "fp32", "bf16": "bf16"}[precision(levers)])  # the same as "auto" without a lever
     if "cache-text" in levers:
         pipe.encode_text = memoised(pipe.encode_text)
     return pipe
@@ -265,6 +278,7 @@ def run(workload: str, quick: bool = False, levers=(), threads: int = 0, seed: i
         torch.set_num_threads(1 if "threads-1" in levers else threads)
     torch.manual_seed(seed)
     metrics, info = WORKLOAD_FNS[workload](common.sizes(quick), levers)
+    info["precision"] = precision(levers)
     return common.record("unclip", workload, metrics, info, levers=sorted(levers),
                          versions=common.versions("unclip", "diffusers", "x-transformers", "accelerate"))
 

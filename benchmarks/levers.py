@@ -1,14 +1,14 @@
-"""unclip's speed levers, one at a time, on W1 (decoder training) and W3 (decoder sampling), and whether bf16
-changes the numbers (losses and samples against fp32).
+"""unclip's speed levers, one at a time, on W1-W4, and whether bf16 changes the numbers (losses and samples
+against fp32).
 
     python benchmarks/levers.py                       # 3 rounds, writes the "levers" section of docs/BENCHMARKS.md
     python benchmarks/levers.py --quick               # tiny sizes, 1 round: checks that it runs
     python benchmarks/levers.py --model shapes        # the accuracy check also on a trained model folder
 
 Each configuration is a fresh `impl_unclip.py` process with some `--lever`s; configurations alternate within a
-round. "speed-up" is median(baseline time) / median(lever time). Levers that are on by default in unclip (batched
-CFG, inference_mode) are measured by turning them off (unbatched-cfg, no-grad): a speed-up below 1 there means
-the default pays.
+round. "speed-up" is median(baseline time) / median(lever time). Levers that are on by default in unclip (bf16
+autocast where the CPU has native bf16, fp32 attention under it, batched CFG, inference_mode) are measured by
+turning them off (fp32, bf16-attention, unbatched-cfg, no-grad): a speed-up below 1 there means the default pays.
 """
 
 from __future__ import annotations
@@ -28,13 +28,12 @@ sys.path.insert(0, str(HERE.parent))
 import report  # noqa: E402
 
 CONFIGS = {
-    "W1": [(), ("bf16",), ("channels-last",), ("bf16", "channels-last"), ("compile",), ("bf16", "compile"),
-           ("threads-1",)],
-    "W3": [(), ("bf16",), ("channels-last",), ("bf16", "channels-last"), ("compile",), ("bf16", "compile"),
-           ("unbatched-cfg",), ("no-grad",), ("threads-1",)],
-    "W4": [(), ("bf16",), ("one-candidate",), ("bf16", "one-candidate"), ("cache-text",), ("compile",)],
+    "W1": [(), ("fp32",), ("bf16-attention",), ("channels-last",), ("compile",), ("threads-1",)],
+    "W2": [(), ("fp32",), ("compile",)],
+    "W3": [(), ("fp32",), ("channels-last",), ("compile",), ("unbatched-cfg",), ("no-grad",), ("threads-1",)],
+    "W4": [(), ("fp32",), ("one-candidate",), ("cache-text",)],
 }
-METRIC = {"W1": "images_per_s", "W3": "s_per_image", "W4": "s_per_image"}
+METRIC = {"W1": "images_per_s", "W2": "samples_per_s", "W3": "s_per_image", "W4": "s_per_image"}
 
 
 def run_config(workload: str, levers: tuple, quick: bool, timeout: int) -> float | str:
@@ -53,7 +52,7 @@ def run_config(workload: str, levers: tuple, quick: bool, timeout: int) -> float
 
 def seconds(value: float, workload: str) -> float:
     """Time per unit of work (lower is better) from either metric."""
-    return 1.0 / value if METRIC[workload] == "images_per_s" else value
+    return 1.0 / value if METRIC[workload] in ("images_per_s", "samples_per_s") else value
 
 
 def speed_rows(results: dict) -> list[list]:
@@ -157,7 +156,7 @@ def parse_args():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--rounds", type=int, default=None, help="default 3 (1 with --quick)")
-    parser.add_argument("--workload", action="append", choices=sorted(CONFIGS), help="default: W1 and W3")
+    parser.add_argument("--workload", action="append", choices=sorted(CONFIGS), help="default: all")
     parser.add_argument("--model", default=None, help="also check bf16 vs fp32 samples of this model folder / name")
     parser.add_argument("--markdown", type=Path, default=None, help="default docs/BENCHMARKS.md (not with --quick)")
     parser.add_argument("--no-accuracy", action="store_true", help="skip the bf16-vs-fp32 check")
@@ -171,7 +170,7 @@ def parse_args():
 def main() -> None:
     args = parse_args()
     machine = report.machine()
-    workloads = [] if args.no_speed else args.workload or ["W1", "W3"]
+    workloads = [] if args.no_speed else args.workload or list(CONFIGS)
     results = {w: {levers: [] for levers in CONFIGS[w]} for w in workloads}
     start = time.perf_counter()
     for r in range(args.rounds):
@@ -187,8 +186,10 @@ def main() -> None:
     text = ["## Speed levers (unclip)" + (" (--quick: meaningless timings)" if args.quick else ""),
             report.machine_markdown(machine), f"- {args.rounds} rounds, {(time.perf_counter() - start) / 60:.1f} min",
             "", report.table(["workload", "levers", "median", "min–max", "speed-up vs defaults"], rows), "",
-            "W1 in images/s, W3/W4 in s/image. `unbatched-cfg` and `no-grad` turn *off* defaults (batched CFG, "
-            "inference_mode): a speed-up below 1.00x is what the default saves."]
+            "W1 in images/s, W2 in samples/s, W3/W4 in s/image. `fp32`, `bf16-attention`, `unbatched-cfg` and "
+            "`no-grad` turn *off* defaults (bf16 autocast, fp32 attention under it, batched CFG, inference_mode): "
+            "a speed-up below 1.00x is what the default saves. `compile` on W1/W2 is `TrainConfig.compile` "
+            "(`--compile`), its start-up excluded (warm-up steps)."]
     print(report.table(["workload", "levers", "median", "min–max", "speed-up"], rows))
     if not args.no_accuracy:
         loss_rows, sample_rows = loss_check(args.quick), sample_check(args.quick, args.model)

@@ -32,6 +32,7 @@ import x_transformers
 from diffusers import UNet2DConditionModel
 
 from unclip.checkpoint import load_component, load_weights_into, save_component
+from unclip.precision import attention_in_float32
 
 from .config import DecoderConfig, noise_schedule
 
@@ -145,6 +146,7 @@ class Decoder(nn.Module):
         self.config = config
         self.text_encoder = TextTransformer(config) if config.text_encoder == "transformer" else None
         self.unet = UNet2DConditionModel(**unet_kwargs(config))
+        attention_in_float32(self.unet)  # faster under CPU bf16 autocast (unclip.precision)
         self.text_proj = ImageTextEmbedder(config, time_embed_dim=4 * config.block_out_channels[0])
         self.initialize_weights()
 

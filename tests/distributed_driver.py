@@ -25,8 +25,10 @@ STEPS = 4
 
 def train_config(batch_size: int, steps: int = STEPS, **kw):
     from unclip.training import TrainConfig
+    # fp32 ("no"): the equivalence is exact up to summation order, which bf16 autocast ("auto" on AMX CPUs)
+    # would amplify to bf16's rounding steps
     return TrainConfig(steps=steps, batch_size=batch_size, lr=1e-3, warmup_steps=1, grad_clip=1.0, ema_decay=0.9,
-                       checkpoint_every=2, log_every=1, seed=0, **kw)
+                       checkpoint_every=2, log_every=1, seed=0, mixed_precision="no", **kw)
 
 
 def _perturb(model: torch.nn.Module) -> torch.nn.Module:

@@ -29,6 +29,7 @@ from .images import load_image, pil_to_tensor, tensor_to_pil
 from .interpolation import mix, slerp, text_diff
 from .hub import DEFAULT_MODEL, resolve_model
 from .sampling import denoise, guided
+from .precision import native_bf16
 from .schedulers import make_scheduler, scheduler_names
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -84,7 +85,7 @@ class UnCLIPPipeline:
         self.clip, self.prior, self.decoder = clip.eval(), prior.eval() if prior else None, decoder.eval()
         self.upsamplers = sorted(upsamplers, key=lambda u: u.config.image_size)
         self.model_id = model_id
-        self.device, self.dtype = torch.device("cpu"), torch.float32
+        self.device, self._dtype = torch.device("cpu"), "auto"
         self.progress = True
         _check_sizes(self)
 
@@ -128,7 +129,7 @@ class UnCLIPPipeline:
         write_model_index(path, components, clip=dataclasses.asdict(self.clip.config) | {"vision": {}, "text": {}})
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | str | None = None):
-        """Move every component; `dtype` (fp32 / bf16 / fp16) sets the autocast precision of the networks."""
+        """Move every component; `dtype` (auto / fp32 / bf16 / fp16) sets the autocast precision of the networks."""
         if device is not None:
             try:
                 device = torch.device(device)
@@ -139,11 +140,20 @@ class UnCLIPPipeline:
                                  "(use cpu or an available GPU)") from None
             self.device = device
         if dtype is not None:
-            dtype = DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
-            if dtype not in DTYPES.values():
-                raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype}")
-            self.dtype = dtype
+            if dtype != "auto":
+                dtype = DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
+                if dtype not in DTYPES.values():
+                    raise ValueError(f"dtype must be auto or one of {', '.join(DTYPES)}, got {dtype}")
+            self._dtype = dtype
         return self
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The autocast precision; "auto" (the default) is bf16 where the device does bf16 math natively, else
+        fp32 (unclip.precision: 1.3-1.4x faster batched sampling on a CPU with AMX, samples equal within noise)."""
+        if self._dtype == "auto":
+            return torch.bfloat16 if native_bf16(self.device) else torch.float32
+        return self._dtype
 
     def modules(self) -> list[torch.nn.Module]:
         return [m for m in (self.clip, self.prior, self.decoder, *self.upsamplers) if m is not None]
@@ -360,7 +370,7 @@ class UnCLIPPipeline:
         return torch.autocast(self.device.type, dtype=self.dtype)
 
     def _info(self, command: str, settings: SamplingSettings, seed, **inputs) -> dict:
-        return {"command": command, "model": self.model_id, "seed": seed,
+        return {"command": command, "model": self.model_id, "seed": seed, "dtype": str(self.dtype).split(".")[-1],
                 "settings": dataclasses.asdict(settings), **inputs}
 
 

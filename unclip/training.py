@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 
 from .checkpoint import replace_dir
 from .config import config_to_dict, write_json
+from .precision import resolve_precision
 
 
 @dataclass
@@ -56,7 +57,8 @@ class TrainConfig:
     grad_accum: int = 1            # micro-batches per optimizer step
     grad_clip: float = 1.0         # max global grad norm; 0 disables
     ema_decay: float = 0.999       # with warm-up: min(decay, (1 + step) / (10 + step))
-    mixed_precision: str = "no"    # "no" | "bf16" | "fp16" (accelerate's autocast)
+    mixed_precision: str = "auto"  # "auto" (bf16 where native, see unclip.precision) | "no" | "bf16" | "fp16"
+    compile: bool = False          # torch.compile the model (pays back its start-up on long runs)
     cpu: bool = False              # force the CPU even where accelerate would pick a GPU
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
@@ -315,7 +317,7 @@ def train(model: torch.nn.Module, loss_fn: Callable, dataset, run_dir: str | os.
     """
     hooks = hooks or Hooks()
     run_dir = Path(run_dir)
-    accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=config.cpu,
+    accelerator = Accelerator(mixed_precision=_mixed_precision(config), cpu=config.cpu,
                               gradient_accumulation_steps=config.grad_accum)
     main = accelerator.is_main_process
     world, rank = accelerator.num_processes, accelerator.process_index
@@ -327,6 +329,7 @@ def train(model: torch.nn.Module, loss_fn: Callable, dataset, run_dir: str | os.
                          "or choose another run folder")
     if main:
         scale = {"processes": world, "global_batch": global_batch, "lr": config.lr,
+                 "mixed_precision": accelerator.mixed_precision,
                  "distributed_type": str(accelerator.distributed_type.value)}
         _prepare_run_dir(run_dir, config, {**(extra_info or {}), "distributed": scale}, resume, bool(checkpoints))
     accelerator.wait_for_everyone()
@@ -341,6 +344,8 @@ def train(model: torch.nn.Module, loss_fn: Callable, dataset, run_dir: str | os.
             tqdm.write(f"resumed from {checkpoints[-1][1]} (step {step})")
     _check_same_step(accelerator, step, run_dir)
     model, optimizer = accelerator.prepare(model, optimizer)
+    if config.compile:
+        accelerator.unwrap_model(model).compile()  # in place: state_dict keys and checkpoints are unchanged
     params = [p for p in model.parameters() if p.requires_grad]  # those of the prepared model (for clipping)
     if step == 0 and world > 1:  # DDP broadcast rank 0's initial weights: start every rank's EMA from them
         ema.load_state_dict(accelerator.unwrap_model(model).state_dict())
@@ -479,6 +484,16 @@ def _check_finite(loss: torch.Tensor, step: int, run_dir: Path, accelerator: Acc
         kept = f"the last good checkpoint is {last[-1][1]}" if last else "no checkpoint was written yet"
         raise TrainingError(f"the loss became {float(loss.detach())} at step {step}; {kept} "
                             "(lower --lr, use --grad-clip, or check the data)")
+
+
+def _mixed_precision(config: TrainConfig) -> str:
+    """config.mixed_precision with "auto" resolved: `accelerate launch --mixed_precision` (or its config file)
+    wins when given, else bf16 where the device does bf16 math natively (unclip.precision)."""
+    launched = os.environ.get("ACCELERATE_MIXED_PRECISION")
+    if config.mixed_precision == "auto" and launched:
+        return launched
+    device = "cpu" if config.cpu or not torch.cuda.is_available() else "cuda"
+    return resolve_precision(config.mixed_precision, device)
 
 
 def _prepare_run_dir(run_dir: Path, config: TrainConfig, extra_info: dict | None, resume: bool,

@@ -1,0 +1,149 @@
+"""Precision "auto" (bf16 where native) for training and sampling, and fp32 attention under CPU autocast."""
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from cli import main
+from conftest import make_tiny_pipeline
+from unclip import precision
+from unclip.precision import Float32Attention, attention_in_float32, resolve_precision
+
+
+@pytest.fixture
+def native(monkeypatch):
+    """Pretend the CPU does (True) or does not (False) have native bf16."""
+    def set_native(value: bool):
+        monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: value)
+    return set_native
+
+
+def test_auto_is_bf16_only_where_native(native):
+    native(True)
+    assert resolve_precision("auto", "cpu") == "bf16"
+    native(False)
+    assert resolve_precision("auto", "cpu") == "no"
+    assert resolve_precision("fp16", "cpu") == "fp16" and resolve_precision("no", "cpu") == "no"
+    with pytest.raises(ValueError, match="precision must be one of"):
+        resolve_precision("float8", "cpu")
+
+
+def test_cpu_flags_are_read_from_proc_cpuinfo():
+    flags = open("/proc/cpuinfo").read()
+    assert precision.cpu_has_native_bf16() == ("amx_bf16" in flags or "avx512_bf16" in flags)
+
+
+def test_pipeline_dtype_follows_the_device_unless_set(native):
+    pipe = make_tiny_pipeline()
+    native(True)
+    assert pipe.dtype == torch.bfloat16
+    native(False)
+    assert pipe.dtype == torch.float32
+    native(True)
+    assert pipe.to(dtype="fp32").dtype == torch.float32       # an explicit choice sticks
+    assert pipe.to(dtype="auto").dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="dtype must be auto or one of"):
+        pipe.to(dtype="int8")
+
+
+def test_generate_records_its_dtype_and_bf16_stays_close_to_fp32():
+    pipe = make_tiny_pipeline()
+    settings = dict(prior_steps=2, decoder_steps=3, upsampler_steps=2)
+    out32 = pipe.to(dtype="fp32").generate("a red circle", seed=0, **settings)
+    out16 = pipe.to(dtype="bf16").generate("a red circle", seed=0, **settings)
+    assert out32.info["dtype"] == "float32" and out16.info["dtype"] == "bfloat16"
+    other_seed = pipe.to(dtype="fp32").generate("a red circle", seed=1, **settings)
+    dtype_gap = float((out32.base - out16.base).abs().mean())
+    seed_gap = float((out32.base - other_seed.base).abs().mean())
+    assert 0 < dtype_gap < seed_gap / 5, (dtype_gap, seed_gap)
+
+
+def test_float32_attention_changes_nothing_in_fp32_and_runs_attention_in_fp32_under_autocast():
+    pipe = make_tiny_pipeline()
+    unet = pipe.decoder.unet
+    assert all(isinstance(p, Float32Attention) for p in unet.attn_processors.values())  # Decoder applies it
+    seen = []
+
+    class Spy:
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __call__(self, attn, hidden_states, *args, **kwargs):
+            seen.append(hidden_states.dtype)
+            return self.inner(attn, hidden_states, *args, **kwargs)
+
+    unet.set_attn_processor({k: Float32Attention(Spy(p.processor)) for k, p in unet.attn_processors.items()})
+    attention_in_float32(unet)  # idempotent: no second wrapper
+    assert all(not isinstance(p.processor, Float32Attention) for p in unet.attn_processors.values())
+    x, t = torch.randn(2, 3, 8, 8), torch.tensor([10, 500])
+    emb = torch.nn.functional.normalize(torch.randn(2, 16), dim=-1)
+    with torch.no_grad():
+        wrapped = pipe.decoder(x, t, emb, None, None)
+        plain_processors = {k: p.processor.inner for k, p in unet.attn_processors.items()}
+        unet.set_attn_processor(dict(plain_processors))  # diffusers empties the dict it gets
+        plain = pipe.decoder(x, t, emb, None, None)
+    assert torch.equal(wrapped, plain) and set(seen) == {torch.float32}
+    unet.set_attn_processor({k: Float32Attention(Spy(p)) for k, p in plain_processors.items()})
+    seen.clear()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        pipe.decoder(x, t, emb, None, None)
+    assert seen and set(seen) == {torch.float32}  # the conv around it ran in bf16, attention in fp32
+
+
+def test_training_records_the_resolved_precision(tiny_model_dir, tmp_path, native):
+    from unclip.training import TrainConfig, train
+
+    native(False)
+
+    class Line(torch.utils.data.Dataset):
+        def __len__(self):
+            return 8
+
+        def __getitem__(self, i):
+            return {"x": torch.tensor([float(i)]), "y": torch.tensor([2.0 * i])}
+
+    def loss_fn(model, batch):
+        return (model(batch["x"]) - batch["y"]).pow(2).mean()
+
+    train(torch.nn.Linear(1, 1), loss_fn, Line(), tmp_path / "run", TrainConfig(steps=2, batch_size=4, cpu=True),
+          progress=False)
+    info = json.loads((tmp_path / "run" / "train_config.json").read_text())
+    assert info["train"]["mixed_precision"] == "auto" and info["distributed"]["mixed_precision"] == "no"
+
+
+def test_cli_from_png_reuses_the_recorded_dtype(tiny_model_dir, tmp_path):
+    first, again = tmp_path / "a.png", tmp_path / "b.png"
+    common = ["--model", str(tiny_model_dir), "--steps-prior", "2", "--steps-decoder", "2", "--steps-upsampler", "2",
+              "--quiet"]
+    result = CliRunner().invoke(main, ["generate", "a red circle", "-o", str(first), "--dtype", "bf16", *common])
+    assert result.exit_code == 0, result.output
+    result = CliRunner().invoke(main, ["generate", "--from-png", str(first), "-o", str(again), "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert first.read_bytes() == again.read_bytes()
+    from unclip.images import read_png_metadata
+    assert json.loads(read_png_metadata(again)["unclip"])["dtype"] == "bfloat16"
+
+
+def test_compile_option_trains_and_keeps_checkpoint_keys(tmp_path):
+    from safetensors.torch import load_file
+
+    from unclip.training import TrainConfig, list_checkpoints, train
+
+    class Line(torch.utils.data.Dataset):
+        def __len__(self):
+            return 8
+
+        def __getitem__(self, i):
+            return {"x": torch.tensor([float(i) / 8]), "y": torch.tensor([2.0 * i / 8])}
+
+    def loss_fn(model, batch):
+        return (model(batch["x"]) - batch["y"]).pow(2).mean()
+
+    model = torch.nn.Linear(1, 1)
+    config = TrainConfig(steps=3, batch_size=4, lr=0.1, warmup_steps=1, compile=True, mixed_precision="no", cpu=True)
+    train(model, loss_fn, Line(), tmp_path / "run", config, progress=False)
+    assert model._compiled_call_impl is not None  # nn.Module.compile(): compiled in place
+    weights = load_file(str(list_checkpoints(tmp_path / "run")[-1][1] / "model.safetensors"))
+    assert set(weights) == {"weight", "bias"}  # no "_orig_mod." prefix: loads into an uncompiled model
