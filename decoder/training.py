@@ -1,8 +1,11 @@
-"""train_decoder / train_upsampler: read the pairs, encode them once with the frozen CLIP, run the one training loop.
+"""train_decoder / train_upsampler: read the pairs, encode them with the frozen CLIP, run the one training loop.
 
-Under `accelerate launch` every process reads and encodes the whole data set itself (CLIP inference is
+Map-style data (a folder of pairs): every image and unique caption is encoded once up front. Under
+`accelerate launch` every process reads and encodes the whole data set itself (CLIP inference is
 deterministic, so all ranks hold the same embeddings; DDP also broadcasts rank 0's buffers): no collective
-before the loop starts. Streamed shards feed the upsampler directly (split by process and worker).
+before the loop starts. Streamed shards (an IterableDataset) are trained on straight from the stream, split by
+process and DataLoader worker: the decoder's loss encodes each batch with the frozen CLIP on the training
+device (`clip_encoded`); the upsampler needs no CLIP.
 """
 
 from __future__ import annotations
@@ -10,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import os
-import warnings
 from pathlib import Path
 
 import torch
@@ -21,7 +23,7 @@ from unclip.clip import ClipEncoder
 from unclip.config import config_from_dict, config_to_dict, read_json
 from unclip.data.encode import encode_captions, encode_readable_images, read_or_skip
 from unclip.images import make_grid, tensor_to_pil
-from unclip.training import Hooks, TrainConfig, split_heldout, train
+from unclip.training import Hooks, TrainConfig, collate, split_heldout, train
 
 from .config import DecoderConfig, UpsamplerConfig, decoder_preset, upsampler_preset
 from .loss import decoder_loss, upsampler_loss
@@ -40,12 +42,22 @@ def open_data(data, image_size: int):
     return open_dataset(data, image_size)
 
 
-def as_map_style(dataset) -> Dataset:
-    """Read an iterable data set (webdataset shards) into memory; a map-style one is returned as is."""
-    if not isinstance(dataset, IterableDataset):
-        return dataset
-    warnings.warn("decoder training reads streamed shards into memory once (to encode them with CLIP)", stacklevel=3)
-    return list(dataset.unsplit() if hasattr(dataset, "unsplit") else dataset)  # every process: all shards
+class WithSkipped(IterableDataset):
+    """A ShardDataset's items with a None for each sample it skipped, so that `collate` counts them in `_skipped`."""
+
+    def __init__(self, stream: IterableDataset):
+        self.stream = stream
+
+    def _skipped(self) -> int:
+        return getattr(self.stream, "skipped", 0)  # this process's (or DataLoader worker's) copy counts its own
+
+    def __iter__(self):
+        counted = self._skipped()
+        for item in self.stream:
+            yield from [None] * (self._skipped() - counted)
+            counted = self._skipped()
+            yield item
+        yield from [None] * (self._skipped() - counted)  # skipped after the last good sample
 
 
 class DecoderDataset(Dataset):
@@ -69,6 +81,38 @@ class DecoderDataset(Dataset):
         return {"image": image, "image_emb": self.image_emb[row],
                 "text_tokens": tokens.float() if tokens.is_floating_point() else tokens,
                 "mask": self.text["mask"][caption]}
+
+
+def encode_batch(clip: ClipEncoder, batch: dict, image_size: int, text_ids: bool = False) -> dict:
+    """A collated {"image" [B, 3, H, H], "caption": B strings, ...} -> decoder_loss's batch, like DecoderDataset.
+
+    The frozen CLIP encodes on the images' device in fp32 (autocast off, as when encoding once): image_emb
+    [B, D] from the images, text_tokens [B, L, W] and mask [B, L] from the captions, or token ids [B, L] for a
+    decoder with its own text transformer (`text_ids`). The image is downsampled to `image_size`; other
+    entries (the loop's per-sample random draws) pass through.
+    """
+    image, captions = batch["image"], list(batch["caption"])
+    with torch.autocast(image.device.type, enabled=False):
+        image_emb = clip.encode_image(image)                                       # [B, 3, H, H] -> [B, D]
+        x_0 = downsample(image, image_size)                                        # [B, 3, S, S]
+        if text_ids:
+            tokens = clip.tokenize(captions, warn=False).to(image.device)          # [B, L]
+            mask = tokens != 0
+        else:
+            _, tokens, mask = clip.encode_text(captions)                           # [B, L, W], [B, L]
+    # clone: inference-mode tensors cannot be saved for the decoder's backward
+    return {**batch, "image": x_0, "image_emb": image_emb.clone(),
+            "text_tokens": tokens.clone(), "mask": mask.clone()}
+
+
+def clip_encoded(clip: ClipEncoder, config: DecoderConfig, loss_fn=decoder_loss):
+    """`loss_fn` for streamed batches: the frozen CLIP (moved to the batch's device) encodes each batch first."""
+    def encoded_loss(model, batch: dict):
+        if clip.device != batch["image"].device:
+            clip.to(batch["image"].device)
+        return loss_fn(model, encode_batch(clip, batch, config.image_size, config.text_encoder == "transformer"))
+
+    return encoded_loss
 
 
 # ---------------------------------------------------------------- configs
@@ -152,13 +196,43 @@ def encode_pairs(clip: ClipEncoder, source, progress: bool) -> tuple[Dataset, to
     return source, image_emb, encode_captions(clip, captions, progress=progress), skipped
 
 
+def encoded_once(clip: ClipEncoder, config: DecoderConfig, source, heldout: int, seed: int, progress: bool):
+    """Map-style data: (train set, held-out items for the grids, info, samples left out as unreadable)."""
+    source, image_emb, text, skipped = encode_pairs(clip, source, progress)
+    if config.text_encoder == "transformer":  # the decoder's own text transformer reads token ids [U, L]
+        text = {**text, "text_tokens": clip.tokenize(text["captions"], warn=False)}
+    train_rows, heldout_rows = split_heldout(len(image_emb), heldout, seed)
+    shown_rows = heldout_rows if len(heldout_rows) else train_rows[:4]
+    shown = torch.utils.data.default_collate(
+        [DecoderDataset(source, shown_rows, image_emb, text, config.image_size)[i] for i in range(len(shown_rows))])
+    info = {"train_samples": len(train_rows), "heldout_samples": len(heldout_rows)}
+    return DecoderDataset(source, train_rows, image_emb, text, config.image_size), shown, info, skipped
+
+
+def streamed(clip: ClipEncoder, config: DecoderConfig, stream: IterableDataset, grid_items: int = 4):
+    """Streamed shards: (the stream, its first `grid_items` readable items encoded for the grids, info).
+
+    Nothing is read up front beyond those items (trained on too: a stream holds nothing out); the loss
+    encodes each batch (`clip_encoded`).
+    """
+    first = list(itertools.islice(iter(stream), grid_items))
+    if not first:
+        raise ValueError("no readable image-caption pairs in the data (the stream's first samples could not be "
+                         "read, or it is empty)")
+    batch = encode_batch(clip, collate(first), config.image_size, config.text_encoder == "transformer")
+    batch = {k: batch[k] for k in ("image", "image_emb", "text_tokens", "mask")}
+    return WithSkipped(stream), batch, {"train_samples": None, "heldout_samples": 0, "streamed": True}
+
+
 def train_decoder(model_dir: str | os.PathLike, data, *, train_config: TrainConfig, preset: str = "tiny",
                   config: DecoderConfig | None = None, run_dir=None, resume: bool = False, heldout: int = 8,
                   sample_steps: int = 25, progress: bool = True) -> Decoder:
     """Train MODEL_DIR/decoder on image-caption pairs (a folder, shards, or a data set of {"image", "caption"}).
 
-    The frozen MODEL_DIR/clip encodes every image and unique caption once; up to `heldout` pairs are kept out
-    for the sample grids; the EMA weights are exported to MODEL_DIR/decoder. Returns the EMA model.
+    The frozen MODEL_DIR/clip encodes every image and unique caption of a map-style data set once, keeping up
+    to `heldout` pairs out for the sample grids; streamed shards (an IterableDataset) are encoded batch by batch
+    in the loss, and their first 4 items make the grids. The EMA weights are exported to MODEL_DIR/decoder.
+    Returns the EMA model.
     """
     model_dir = Path(model_dir)
     run_dir = Path(run_dir) if run_dir is not None else model_dir / "runs" / "decoder"
@@ -166,20 +240,18 @@ def train_decoder(model_dir: str | os.PathLike, data, *, train_config: TrainConf
     if resume:
         config = _resumed_config(run_dir, "decoder", DecoderConfig) or config
     config = make_decoder_config(clip, preset, config)
-    source = as_map_style(open_data(data, max(config.image_size, clip.image_size)))
-    source, image_emb, text, skipped = encode_pairs(clip, source, progress)
-    if config.text_encoder == "transformer":  # the decoder's own text transformer reads token ids [U, L]
-        text = {**text, "text_tokens": clip.tokenize(text["captions"], warn=False)}
-    train_rows, heldout_rows = split_heldout(len(image_emb), heldout, train_config.seed)
-    shown_rows = heldout_rows if len(heldout_rows) else train_rows[:4]
-    shown = torch.utils.data.default_collate(
-        [DecoderDataset(source, shown_rows, image_emb, text, config.image_size)[i] for i in range(len(shown_rows))])
-    info = {"decoder": config_to_dict(config), "data": None if isinstance(data, Dataset) else str(data),
-            "train_samples": len(train_rows), "heldout_samples": len(heldout_rows)}
+    source = open_data(data, max(config.image_size, clip.image_size))
+    if isinstance(source, IterableDataset):
+        train_set, shown, counts = streamed(clip, config, source)
+        loss_fn, skipped = clip_encoded(clip, config), 0
+    else:
+        train_set, shown, counts, skipped = encoded_once(clip, config, source, heldout, train_config.seed, progress)
+        loss_fn = decoder_loss
+    info = {"decoder": config_to_dict(config), "data": None if isinstance(data, Dataset) else str(data), **counts}
     torch.manual_seed(train_config.seed)  # a seeded initialisation: torch seeds each process at random
-    return train(Decoder(config), decoder_loss, DecoderDataset(source, train_rows, image_emb, text, config.image_size),
-                 run_dir, train_config, hooks=decoder_hooks(model_dir, shown, sample_steps), resume=resume,
-                 extra_info=info, progress=progress, skipped=skipped)
+    return train(Decoder(config), loss_fn, train_set, run_dir, train_config,
+                 hooks=decoder_hooks(model_dir, shown, sample_steps), resume=resume, extra_info=info,
+                 progress=progress, skipped=skipped)
 
 
 def train_upsampler(model_dir: str | os.PathLike, data, size: int = 64, *, train_config: TrainConfig,

@@ -4,6 +4,8 @@ Decodes held-out captions from their true CLIP image embeddings and text tokens 
 and appends (step, images seen, shapes-oracle accuracy, FD in CLIP space) to a CSV. Run it beside a recipe:
 
     nice -n 10 python scripts/learning_curve.py --run runs/shapes --data runs/shapes/data/test --out curve.csv
+
+or afterwards, over the EMA weights of every checkpoint the run kept (`--checkpoints`).
 """
 
 import argparse
@@ -14,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from safetensors.torch import load_file
+
 from decoder.model import Decoder
 from decoder.sample import sample_decoder
 from unclip.clip import ClipEncoder
@@ -22,12 +26,22 @@ from unclip.eval.metrics import frechet_distance
 from unclip.training import list_checkpoints
 
 
-def score(run: Path, test: ImageTextFolder, rows: list[int], clip: ClipEncoder, shapes: bool) -> dict:
-    decoder = Decoder.load(run / "model" / "decoder").eval()
+def load_decoder(run: Path, checkpoint: Path | None = None) -> Decoder:
+    """The exported decoder, or (with `checkpoint`) its architecture with that checkpoint's EMA weights."""
+    decoder = Decoder.load(run / "model" / "decoder")
+    if checkpoint is not None:
+        decoder.load_state_dict({k: v.float() for k, v in load_file(str(checkpoint / "ema.safetensors")).items()})
+    return decoder.eval()
+
+
+def score(decoder: Decoder, test: ImageTextFolder, rows: list[int], clip: ClipEncoder, shapes: bool) -> dict:
     captions = [test.captions[i] for i in rows]
     real = torch.stack([test[i]["image"] for i in rows])
     image_emb = clip.encode_image(real)
     text_emb, tokens, mask = clip.encode_text(captions)
+    if decoder.config.text_encoder == "transformer":  # the decoder's own text transformer reads token ids
+        tokens = clip.tokenize(captions, warn=False)
+        mask = tokens != 0
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
         images = sample_decoder(decoder, image_emb, tokens, mask, num_steps=25, progress=False,
                                 generator=torch.Generator().manual_seed(0))["images"].float()
@@ -47,6 +61,8 @@ def main(argv=None):
     parser.add_argument("--n", type=int, default=64)
     parser.add_argument("--poll", type=float, default=30.0)
     parser.add_argument("--until-step", type=int, default=10**9)
+    parser.add_argument("--checkpoints", action="store_true",
+                        help="score every kept checkpoint's EMA weights now, then stop (instead of following)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     clip = ClipEncoder.load(args.run / "model" / "clip")
@@ -56,24 +72,35 @@ def main(argv=None):
     done = set()
     if args.out.is_file():
         done = {int(r["step"]) for r in csv.DictReader(args.out.open())}
+    batch = json.loads((args.run / "runs" / "decoder" / "train_config.json").read_text())["train"]["batch_size"]
+
+    def write(row):
+        new = not args.out.is_file()
+        with args.out.open("a", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(row))
+            if new:
+                writer.writeheader()
+            writer.writerow(row)
+        print(row, flush=True)
+        done.add(row["step"])
+
+    if args.checkpoints:
+        for step, path in list_checkpoints(args.run / "runs" / "decoder"):
+            if step not in done:
+                write({"step": step, "images_seen": step * batch,
+                       **score(load_decoder(args.run, path), test, rows, clip, shapes)})
+        return
     while True:
         cps = list_checkpoints(args.run / "runs" / "decoder")
         step = cps[-1][0] if cps else 0
         if step and step not in done:
-            batch = json.loads((args.run / "runs" / "decoder" / "train_config.json").read_text())["train"]["batch_size"]
             try:
-                row = {"step": step, "images_seen": step * batch, **score(args.run, test, rows, clip, shapes)}
+                row = {"step": step, "images_seen": step * batch,
+                       **score(load_decoder(args.run), test, rows, clip, shapes)}
             except (ValueError, OSError):  # caught the export mid-swap: try again at the next poll
                 time.sleep(args.poll)
                 continue
-            new = not args.out.is_file()
-            with args.out.open("a", newline="") as f:
-                writer = csv.DictWriter(f, fieldnames=list(row))
-                if new:
-                    writer.writeheader()
-                writer.writerow(row)
-            print(row, flush=True)
-            done.add(step)
+            write(row)
         if step >= args.until_step:
             return
         time.sleep(args.poll)

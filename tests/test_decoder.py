@@ -1,6 +1,7 @@
 """The decoder and the upsamplers: shapes, gradients, conditioning, save/load, samplers, corruption, training, CLI."""
 
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -12,10 +13,12 @@ from decoder.config import TEXT_ENCODERS, DecoderConfig, UpsamplerConfig, decode
 from decoder.loss import decoder_loss, min_snr_weight, upsampler_loss
 from decoder.model import Decoder
 from decoder.sample import make_stage_scheduler, sample_decoder, upsample
-from decoder.training import make_decoder_config, train_decoder, train_upsampler
+from decoder.training import encode_batch, encoded_once, make_decoder_config, train_decoder, train_upsampler
 from decoder.upsampler import Upsampler, corrupt, gaussian_blur
 from unclip.sampling import denoise
-from unclip.training import TrainConfig, list_checkpoints, read_metrics
+from unclip.data.datasets import ShardDataset, write_shards
+from unclip.data.encode import encode_captions
+from unclip.training import RANDOM_KEY, SampleRandom, TrainConfig, collate, list_checkpoints, read_metrics
 
 B, S, D, L, W, V = 3, 16, 16, 16, 32, 40
 CAPTIONS = ["a red circle", "a blue square", "two green triangles", "a large yellow circle"]
@@ -416,6 +419,84 @@ def test_cli_train_decoder_and_upsampler(model_dir, tmp_path):
     result = runner.invoke(main, ["train", "decoder", "--model", str(tmp_path), "--data", str(tmp_path / "pairs")])
     assert result.exit_code != 0 and "missing clip component" in result.output
     assert len(result.output.strip().splitlines()) == 1
+
+
+# ---------------------------------------------------------------- streamed shards
+
+
+def write_shard_files(root, n: int, shard_size: int, corrupt: tuple[int, ...] = ()) -> list[str]:
+    """n pairs of 32 px images in root/pairs packed into root/shards; the images of `corrupt` are junk bytes."""
+    write_pairs(root / "pairs", n, 32)
+    for i in corrupt:
+        (root / "pairs" / f"{i:05d}.png").write_bytes(b"not a png")
+    return write_shards(root / "pairs", root / "shards", shard_size=shard_size)
+
+
+class EmptyStream(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        return iter([])
+
+
+def test_train_decoder_streams_shards_without_reading_them_whole(model_dir, tmp_path, monkeypatch):
+    paths = write_shard_files(tmp_path, 16, 4, corrupt=(1,))
+    decoded = []  # every sample any ShardDataset decodes (also copies of it, such as unsplit())
+    decode = ShardDataset._decode
+    monkeypatch.setattr(ShardDataset, "_decode", lambda self, sample: decoded.append(sample["__key__"])
+                        or decode(self, sample))
+    train_config = TrainConfig(steps=2, batch_size=2, warmup_steps=1, checkpoint_every=2, log_every=1)
+    config = dataclasses.replace(tiny_decoder_config(), embed_dim=0, text_width=0, context_length=0)
+    with pytest.warns(UserWarning, match="skipping bad sample"):
+        train_decoder(model_dir, ShardDataset(paths), train_config=train_config, config=config, sample_steps=1,
+                      progress=False)
+    assert len(decoded) < 16  # the grid's 4 items and 2 batches of 2 (~9 decodes); reading it whole decodes 16
+    assert Decoder.load(model_dir / "decoder").config.image_size == S
+    run = model_dir / "runs" / "decoder"
+    assert (run / "samples" / "step-00000002.png").is_file()
+    assert json.loads((run / "train_config.json").read_text())["streamed"] is True
+    skipped = [r["value"] for r in read_metrics(run / "metrics.csv") if r["name"] == "skipped_samples"]
+    assert skipped[-1] == 1  # the corrupt sample, counted as on map-style data
+    with pytest.raises(ValueError, match="no readable image-caption pairs"):
+        train_decoder(model_dir, EmptyStream(), train_config=train_config, config=config, run_dir=tmp_path / "empty",
+                      progress=False)
+
+
+@pytest.mark.parametrize("text_encoder", ["clip", "transformer"])
+def test_streamed_batches_match_the_encode_once_path(tiny_clip, tmp_path, text_encoder):
+    """What the loss sees from a streamed batch equals the encode-once items of the same samples."""
+    items = list(ShardDataset(write_shard_files(tmp_path, 6, 3), image_size=32))
+    config = make_decoder_config(tiny_clip, config=dataclasses.replace(
+        tiny_decoder_config(text_encoder=text_encoder), text_width=0, text_vocab_size=0))
+    once_set, _, _, skipped = encoded_once(tiny_clip, config, items, heldout=0, seed=0, progress=False)
+    once = collate([once_set[i] for i in range(len(once_set))])
+    fly = encode_batch(tiny_clip, collate(items), S, text_ids=text_encoder == "transformer")
+    assert skipped == 0 and once["image"].shape == fly["image"].shape == (6, 3, S, S)
+    assert (once["image"] - fly["image"]).abs().max() <= 1e-6
+    assert (once["image_emb"] - fly["image_emb"]).abs().max() <= 1e-5
+    assert torch.equal(once["mask"], fly["mask"])
+    if text_encoder == "transformer":
+        assert torch.equal(once["text_tokens"], fly["text_tokens"])  # token ids [B, L]
+    else:  # encode-once stores token states in fp16 to save memory; at full precision they agree to 1e-5
+        full = encode_captions(tiny_clip, [item["caption"] for item in items], progress=False,
+                               token_dtype=torch.float32)
+        assert (full["text_tokens"][full["index"]] - fly["text_tokens"]).abs().max() <= 1e-5
+        torch.testing.assert_close(once["text_tokens"], fly["text_tokens"], atol=1e-5, rtol=1e-3)
+    model = Decoder(config).train()
+    losses = [decoder_loss(model, {**batch, RANDOM_KEY: SampleRandom.at_positions(0, 0, 6)})[0]
+              for batch in (once, fly)]  # the same t, noise and condition drops for both
+    torch.testing.assert_close(losses[0], losses[1], atol=1e-5, rtol=1e-3)
+
+
+def test_cli_train_decoder_from_a_shard_pattern(model_dir, tmp_path):
+    from cli import main
+
+    write_shard_files(tmp_path, 4, 1)
+    result = CliRunner().invoke(main, ["train", "decoder", "--model", str(model_dir), "--data",
+                                       str(tmp_path / "shards" / "{00000..00003}.tar"), "--text-encoder", "transformer",
+                                       "--steps", "1", "--batch-size", "2", "--sample-steps", "1", "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert Decoder.load(model_dir / "decoder").text_encoder is not None
+    saved = json.loads((model_dir / "runs" / "decoder" / "train_config.json").read_text())
+    assert saved["streamed"] is True and saved["data"].endswith("{00000..00003}.tar")
 
 
 def test_cli_preset_lists_match_the_configs():
