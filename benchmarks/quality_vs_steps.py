@@ -77,7 +77,7 @@ def parse_args():
     parser.add_argument("--n", type=int, default=200, help="test captions (one image each)")
     parser.add_argument("--configs", default=DEFAULT_CONFIGS, help="SAMPLER:STEPS,...; the first is the reference")
     parser.add_argument("--upsampler-too", action="store_true", help="also set the upsampler's sampler and steps")
-    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    parser.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto", help="as the pipeline's (auto: bf16 where native)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--shapes", action=argparse.BooleanOptionalAction, default=None,

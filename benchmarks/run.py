@@ -143,7 +143,8 @@ def summary_rows(records: list[dict], med: dict, impls: list[str]) -> list[list]
                     continue
                 value = med[impl][w][metric]
                 lo, hi = spread(records, impl, w, metric)
-                vs_peer = f"{slowdown(value, peer[1], metric):.2f}x ({peer[0]})" if peer and impl == "unclip" else ""
+                vs_peer = (f"{1 / slowdown(value, peer[1], metric):.2f}x ({peer[0]})"  # > 1: unclip is better
+                           if peer and impl == "unclip" else "")
                 rows.append([w, metric, impl, report.fmt(value), f"{report.fmt(lo)}–{report.fmt(hi)}",
                              f"{slowdown(value, best[1], metric):.2f}x", vs_peer])
     return rows
@@ -174,7 +175,7 @@ def versions_rows(records: list[dict], impls: list[str]) -> list[list]:
 
 def markdown(records: list[dict], med: dict, impls: list[str], machine: dict, args, wall: float) -> str:
     header = ["workload", "metric", "implementation", "median", f"min–max ({args.rounds} rounds)",
-              "vs best (1.00x = best)", "unclip vs best peer"]
+              "vs best (1.00x = best)", "unclip's advantage over the best peer (>1 = unclip better)"]
     parts = [
         "## Results" + (" (--quick: tiny sizes, timings meaningless)" if args.quick else ""),
         report.machine_markdown(machine),

@@ -4,7 +4,7 @@
     python benchmarks/time_generate.py --model PATH       # any model folder, bundled name or hub id
     python benchmarks/time_generate.py --quick            # 1 round, tiny step counts (checks that it runs)
 
-warm: `UnCLIPPipeline.generate(prompt)` at the default settings after one warm-up call, per dtype (fp32, bf16).
+warm: `UnCLIPPipeline.generate(prompt)` at the default settings after one warm-up call, per dtype (auto, fp32, bf16).
 cold: wall time of `unclip generate PROMPT --model M -o OUT.png --quiet` in a fresh process, split into Python
 start + imports (`python -c "import cli, unclip.pipeline"`), and model loading (from_pretrained, in this process).
 Writes the "generate" section of docs/BENCHMARKS.md.
@@ -62,7 +62,7 @@ def warm(model: str, prompt: str, rounds: int, steps: dict) -> dict:
     out = {"load_s": time.perf_counter() - start, "threads": torch.get_num_threads(),
            "image_size": pipe.image_size}
     pipe.set_progress_bar_config(disable=True)
-    for dtype in ("fp32", "bf16"):
+    for dtype in ("auto", "fp32", "bf16"):
         pipe.to(dtype=dtype)
         pipe.generate(prompt, seed=0, **steps)  # warm-up
         times = []
@@ -93,7 +93,8 @@ def main() -> None:
     extra = ["--steps-prior", "2", "--steps-decoder", "2", "--steps-upsampler", "2"] if args.quick else []
     c = cold(args.model, args.prompt, args.rounds, extra)
     w = warm(args.model, args.prompt, args.rounds, steps)
-    rows = [["warm: `pipe.generate` (fp32, the default)", f"{w['generate_s_fp32']:.2f}"],
+    rows = [["warm: `pipe.generate` (dtype auto, the default)", f"{w['generate_s_auto']:.2f}"],
+            ["warm: `pipe.generate` with `pipe.to(dtype='fp32')`", f"{w['generate_s_fp32']:.2f}"],
             ["warm: `pipe.generate` with `pipe.to(dtype='bf16')`", f"{w['generate_s_bf16']:.2f}"],
             ["cold: `unclip generate ... -o x.png` (whole command)", f"{c['command_s']:.2f}"],
             ["  of which Python start + `import cli, unclip.pipeline`", f"{c['imports_s']:.2f}"],

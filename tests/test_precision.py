@@ -147,3 +147,19 @@ def test_compile_option_trains_and_keeps_checkpoint_keys(tmp_path):
     assert model._compiled_call_impl is not None  # nn.Module.compile(): compiled in place
     weights = load_file(str(list_checkpoints(tmp_path / "run")[-1][1] / "model.safetensors"))
     assert set(weights) == {"weight", "bias"}  # no "_orig_mod." prefix: loads into an uncompiled model
+
+
+def test_runs_with_different_precisions_share_one_process(tmp_path):
+    """accelerate's process-wide state fixes its mixed precision; bf16 runs must not lock later fp32 runs out."""
+    from unclip.training import TrainConfig, train
+
+    data = [{"x": torch.tensor([float(i)]), "y": torch.tensor([2.0 * i])} for i in range(8)]
+
+    def loss_fn(model, batch):
+        return (model(batch["x"]).float() - batch["y"]).pow(2).mean()
+
+    for precision in ("bf16", "no", "bf16"):
+        run = tmp_path / f"run-{precision}-{len(list(tmp_path.iterdir()))}"
+        train(torch.nn.Linear(1, 1), loss_fn, data, run, TrainConfig(steps=1, batch_size=4, mixed_precision=precision,
+                                                                      cpu=True), progress=False)
+        assert json.loads((run / "train_config.json").read_text())["distributed"]["mixed_precision"] == precision

@@ -317,7 +317,10 @@ def train(model: torch.nn.Module, loss_fn: Callable, dataset, run_dir: str | os.
     """
     hooks = hooks or Hooks()
     run_dir = Path(run_dir)
-    accelerator = Accelerator(mixed_precision=_mixed_precision(config), cpu=config.cpu,
+    # bf16 is plain autocast (no loss scaling), done here: accelerate's process-wide state cannot change its
+    # mixed precision once set, which would break a second run in the same process (a notebook, the tests).
+    precision = _mixed_precision(config)
+    accelerator = Accelerator(mixed_precision="no" if precision == "bf16" else precision, cpu=config.cpu,
                               gradient_accumulation_steps=config.grad_accum)
     main = accelerator.is_main_process
     world, rank = accelerator.num_processes, accelerator.process_index
@@ -329,7 +332,7 @@ def train(model: torch.nn.Module, loss_fn: Callable, dataset, run_dir: str | os.
                          "or choose another run folder")
     if main:
         scale = {"processes": world, "global_batch": global_batch, "lr": config.lr,
-                 "mixed_precision": accelerator.mixed_precision,
+                 "mixed_precision": precision,
                  "distributed_type": str(accelerator.distributed_type.value)}
         _prepare_run_dir(run_dir, config, {**(extra_info or {}), "distributed": scale}, resume, bool(checkpoints))
     accelerator.wait_for_everyone()
@@ -380,7 +383,7 @@ def train(model: torch.nn.Module, loss_fn: Callable, dataset, run_dir: str | os.
                 batch = _to_device(batch, accelerator.device)
                 first = samples_seen + (micro * world + rank) * config.batch_size  # this slice's global position
                 batch[RANDOM_KEY] = SampleRandom.at_positions(config.seed, first, _batch_len(batch), accelerator.device)
-                with accelerator.accumulate(model), accelerator.autocast():
+                with accelerator.accumulate(model), _autocast(accelerator, precision):
                     out = loss_fn(model, batch)
                     loss, extra = out if isinstance(out, tuple) else (out, {})
                     _check_finite(loss, step, run_dir, accelerator)
@@ -484,6 +487,12 @@ def _check_finite(loss: torch.Tensor, step: int, run_dir: Path, accelerator: Acc
         kept = f"the last good checkpoint is {last[-1][1]}" if last else "no checkpoint was written yet"
         raise TrainingError(f"the loss became {float(loss.detach())} at step {step}; {kept} "
                             "(lower --lr, use --grad-clip, or check the data)")
+
+
+def _autocast(accelerator: Accelerator, precision: str):
+    if precision == "bf16":
+        return torch.autocast(accelerator.device.type, dtype=torch.bfloat16)
+    return accelerator.autocast()  # fp16 (with accelerate's grad scaler) or nothing
 
 
 def _mixed_precision(config: TrainConfig) -> str:

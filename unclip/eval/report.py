@@ -71,7 +71,7 @@ def evaluate_model(model: str | os.PathLike, test: str | os.PathLike, train: str
         from .shapes import evaluate
         report["shapes"] = evaluate(generated, captions)
     if grid:
-        save_png(make_grid(generated[:32], cols=8), grid)
+        save_png(make_grid(generated[:32], cols=8).quantize(256), grid)  # a 256-colour palette: half the bytes
         report["grid"] = str(grid)
     return report
 
