@@ -116,8 +116,8 @@ def make_train_config(kw: dict, **extra):
                  grad_clip="grad_clip", ema_decay="ema_decay", cpu="cpu", checkpoint_every="checkpoint_every",
                  workers="num_workers", seed="seed")
     values = {field: kw.pop(option) for option, field in names.items()}
-    values["mixed_precision"] = "bf16" if kw.pop("bf16") else kw.pop("precision")
-    kw.pop("precision", None)
+    precision = kw.pop("precision")
+    values["mixed_precision"] = "bf16" if kw.pop("bf16") else precision
     values["compile"] = kw.pop("compile_model")
     return TrainConfig(**values, **extra)
 

@@ -96,8 +96,7 @@ def encode_batch(clip: ClipEncoder, batch: dict, image_size: int, text_ids: bool
         image_emb = clip.encode_image(image)                                       # [B, 3, H, H] -> [B, D]
         x_0 = downsample(image, image_size)                                        # [B, 3, S, S]
         if text_ids:
-            tokens = clip.tokenize(captions, warn=False).to(image.device)          # [B, L]
-            mask = tokens != 0
+            tokens, mask = clip.token_ids(captions)                                # [B, L], [B, L]
         else:
             _, tokens, mask = clip.encode_text(captions)                           # [B, L, W], [B, L]
     # clone: inference-mode tensors cannot be saved for the decoder's backward

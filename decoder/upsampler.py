@@ -24,7 +24,6 @@ from diffusers import UNet2DModel
 from diffusers.utils.torch_utils import randn_tensor
 
 from unclip.checkpoint import load_component, load_weights_into, save_component
-from unclip.precision import attention_in_float32
 
 from .config import UpsamplerConfig, noise_schedule
 
@@ -118,7 +117,6 @@ class Upsampler(nn.Module):
         # diffusers' initialisation throughout: nothing here starts at zero (the aug_level MLP must learn
         # to tell levels apart from the first step).
         self.unet = UNet2DModel(**unet_kwargs(config))
-        attention_in_float32(self.unet)  # faster under CPU bf16 autocast (unclip.precision)
 
     def _check(self, x_t, low_res) -> None:
         c = self.config

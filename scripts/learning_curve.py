@@ -40,8 +40,7 @@ def score(decoder: Decoder, test: ImageTextFolder, rows: list[int], clip: ClipEn
     image_emb = clip.encode_image(real)
     text_emb, tokens, mask = clip.encode_text(captions)
     if decoder.config.text_encoder == "transformer":  # the decoder's own text transformer reads token ids
-        tokens = clip.tokenize(captions, warn=False)
-        mask = tokens != 0
+        tokens, mask = clip.token_ids(captions)
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
         images = sample_decoder(decoder, image_emb, tokens, mask, num_steps=25, progress=False,
                                 generator=torch.Generator().manual_seed(0))["images"].float()

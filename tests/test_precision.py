@@ -92,22 +92,18 @@ def test_float32_attention_changes_nothing_in_fp32_and_runs_attention_in_fp32_un
     assert seen and set(seen) == {torch.float32}  # the conv around it ran in bf16, attention in fp32
 
 
-def test_training_records_the_resolved_precision(tiny_model_dir, tmp_path, native):
+LINE = [{"x": torch.tensor([i / 8]), "y": torch.tensor([2.0 * i / 8])} for i in range(8)]  # y = 2x
+
+
+def line_loss(model, batch):
+    return (model(batch["x"]).float() - batch["y"]).pow(2).mean()
+
+
+def test_training_records_the_resolved_precision(tmp_path, native):
     from unclip.training import TrainConfig, train
 
     native(False)
-
-    class Line(torch.utils.data.Dataset):
-        def __len__(self):
-            return 8
-
-        def __getitem__(self, i):
-            return {"x": torch.tensor([float(i)]), "y": torch.tensor([2.0 * i])}
-
-    def loss_fn(model, batch):
-        return (model(batch["x"]) - batch["y"]).pow(2).mean()
-
-    train(torch.nn.Linear(1, 1), loss_fn, Line(), tmp_path / "run", TrainConfig(steps=2, batch_size=4, cpu=True),
+    train(torch.nn.Linear(1, 1), line_loss, LINE, tmp_path / "run", TrainConfig(steps=2, batch_size=4, cpu=True),
           progress=False)
     info = json.loads((tmp_path / "run" / "train_config.json").read_text())
     assert info["train"]["mixed_precision"] == "auto" and info["distributed"]["mixed_precision"] == "no"
@@ -131,19 +127,9 @@ def test_compile_option_trains_and_keeps_checkpoint_keys(tmp_path):
 
     from unclip.training import TrainConfig, list_checkpoints, train
 
-    class Line(torch.utils.data.Dataset):
-        def __len__(self):
-            return 8
-
-        def __getitem__(self, i):
-            return {"x": torch.tensor([float(i) / 8]), "y": torch.tensor([2.0 * i / 8])}
-
-    def loss_fn(model, batch):
-        return (model(batch["x"]) - batch["y"]).pow(2).mean()
-
     model = torch.nn.Linear(1, 1)
     config = TrainConfig(steps=3, batch_size=4, lr=0.1, warmup_steps=1, compile=True, mixed_precision="no", cpu=True)
-    train(model, loss_fn, Line(), tmp_path / "run", config, progress=False)
+    train(model, line_loss, LINE, tmp_path / "run", config, progress=False)
     assert model._compiled_call_impl is not None  # nn.Module.compile(): compiled in place
     weights = load_file(str(list_checkpoints(tmp_path / "run")[-1][1] / "model.safetensors"))
     assert set(weights) == {"weight", "bias"}  # no "_orig_mod." prefix: loads into an uncompiled model
@@ -153,13 +139,8 @@ def test_runs_with_different_precisions_share_one_process(tmp_path):
     """accelerate's process-wide state fixes its mixed precision; bf16 runs must not lock later fp32 runs out."""
     from unclip.training import TrainConfig, train
 
-    data = [{"x": torch.tensor([float(i)]), "y": torch.tensor([2.0 * i])} for i in range(8)]
-
-    def loss_fn(model, batch):
-        return (model(batch["x"]).float() - batch["y"]).pow(2).mean()
-
     for precision in ("bf16", "no", "bf16"):
         run = tmp_path / f"run-{precision}-{len(list(tmp_path.iterdir()))}"
-        train(torch.nn.Linear(1, 1), loss_fn, data, run, TrainConfig(steps=1, batch_size=4, mixed_precision=precision,
-                                                                      cpu=True), progress=False)
+        train(torch.nn.Linear(1, 1), line_loss, LINE, run, TrainConfig(steps=1, batch_size=4, mixed_precision=precision,
+                                                                        cpu=True), progress=False)
         assert json.loads((run / "train_config.json").read_text())["distributed"]["mixed_precision"] == precision

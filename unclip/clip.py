@@ -264,16 +264,20 @@ class ClipEncoder(torch.nn.Module):
         """Normalised pixels [B, 3, S, S] -> unnormalised image features [B, D]."""
         return self.model.encode_image(pixels)
 
+    def token_ids(self, prompts: Sequence[str] | str, warn: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompts -> token ids [B, L] and mask [B, L] (True = real token; padding id is 0 for both tokenizers)."""
+        tokens = self.tokenize(prompts, warn=warn).to(self.device)
+        return tokens, tokens != 0
+
     @torch.inference_mode()
     def encode_text(self, prompts: Sequence[str] | str, batch_size: int = 256):
         """Prompts -> text_emb [B, D] (l2-normalised), text_tokens [B, L, W], mask [B, L] (True = real token)."""
-        tokens = self.tokenize(prompts).to(self.device)
+        tokens, mask = self.token_ids(prompts, warn=True)
         embs, states = [], []
         for chunk in tokens.split(batch_size):
             pooled, x = self.text_forward(chunk)
             embs.append(F.normalize(pooled.float(), dim=-1))
             states.append(x.float())
-        mask = tokens != 0  # padding id is 0 for both tokenizers
         return torch.cat(embs), torch.cat(states), mask
 
     @torch.inference_mode()

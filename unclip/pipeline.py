@@ -179,8 +179,7 @@ class UnCLIPPipeline:
         text = text if text is not None else self.encode_text(prompts)
         if getattr(self.decoder.config, "text_encoder", "clip") != "transformer":
             return text
-        ids = self.clip.tokenize(prompts, warn=False).to(self.device)  # [B, L]
-        return text[0], ids, ids != 0
+        return (text[0], *self.clip.token_ids(prompts))  # ids [B, L], mask [B, L]
 
     def encode_image(self, images) -> torch.Tensor:
         """Paths, PIL images or a [B, 3, H, W] tensor in [-1, 1] -> image_emb [B, D] (unit length)."""

@@ -63,8 +63,6 @@ class Float32Attention:
 
 
 def attention_in_float32(unet) -> None:
-    """Wrap every attention processor of a diffusers model in Float32Attention (idempotent)."""
-    processors = getattr(unet, "attn_processors", None)  # UNet2DModel has no processor API
-    if processors:
-        unet.set_attn_processor({name: p if isinstance(p, Float32Attention) else Float32Attention(p)
-                                 for name, p in processors.items()})
+    """Wrap every attention processor of a diffusers UNet2DConditionModel in Float32Attention (idempotent)."""
+    unet.set_attn_processor({name: p if isinstance(p, Float32Attention) else Float32Attention(p)
+                             for name, p in unet.attn_processors.items()})
