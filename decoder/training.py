@@ -267,15 +267,16 @@ def train_upsampler(model_dir: str | os.PathLike, data, size: int = 64, *, train
         raise ValueError(f"the upsampler config makes {config.image_size} px images, not {size} px "
                          f"(choose a preset ending in -{size})")
     source = open_data(data, size)
-    if isinstance(source, IterableDataset):
-        train_set, shown = source, [item["image"] for item in itertools.islice(iter(source), min(heldout, 4))]
+    if isinstance(source, IterableDataset):  # a stream holds nothing out: its first 4 images make the grids
+        train_set, shown = WithSkipped(source), [item["image"] for item in itertools.islice(iter(source), 4)]
     else:
         train_rows, heldout_rows = split_heldout(len(source), heldout, train_config.seed)
         shown_rows = heldout_rows if len(heldout_rows) else train_rows[:4]
         shown = [item["image"] for item in (read_or_skip(source, int(r)) for r in shown_rows) if item is not None]
         train_set = Subset(source, train_rows.tolist())
     if not shown:
-        raise ValueError("the training data set is empty (or its first images are unreadable)")
+        raise ValueError("no readable images in the data (the data set is empty, or its first samples could not be "
+                         "read)")
     info = {"upsampler": config_to_dict(config), "data": None if isinstance(data, (Dataset, IterableDataset))
             else str(data), "size": size}
     torch.manual_seed(train_config.seed)  # a seeded initialisation: torch seeds each process at random

@@ -262,7 +262,7 @@ BAD = [
     ("train upsampler --model {clip} --data {pairs} --size 48 " + TRAIN, "unknown upsampler preset"),
     ("train upsampler --model {clip} --data {pairs} --size 64 --preset tiny-256 " + TRAIN, "256 px"),
     ("train upsampler --model {clip} --data {pairs} --aug-max nan", "finite"),
-    ("train upsampler --model {clip} --data {badshards} --size 64 " + TRAIN, "empty"),
+    ("train upsampler --model {clip} --data {badshards} --size 64 " + TRAIN, "no readable images"),
     ("train upsampler --model {clip} --data {empty} --size 64 " + TRAIN, "no image-caption pairs"),
     # embed
     ("embed --data {empty} --clip {clip} --out {out} --quiet", "no image-caption pairs"),

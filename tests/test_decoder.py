@@ -460,6 +460,21 @@ def test_train_decoder_streams_shards_without_reading_them_whole(model_dir, tmp_
                       progress=False)
 
 
+def test_train_upsampler_streams_shards_and_counts_skipped_samples(model_dir, tmp_path):
+    paths = write_shard_files(tmp_path, 8, 4, corrupt=(2,))
+    train_config = TrainConfig(steps=2, batch_size=2, warmup_steps=1, checkpoint_every=2, log_every=1)
+    with pytest.warns(UserWarning, match="skipping bad sample"):
+        train_upsampler(model_dir, ShardDataset(paths), size=S, train_config=train_config, heldout=0,
+                        config=tiny_upsampler_config(), sample_steps=1, progress=False)
+    run = model_dir / "runs" / f"upsampler_{S}"
+    assert (run / "samples" / "step-00000002.png").is_file()  # heldout=0 on a stream still makes its grid
+    skipped = [r["value"] for r in read_metrics(run / "metrics.csv") if r["name"] == "skipped_samples"]
+    assert skipped[-1] == 1
+    with pytest.raises(ValueError, match="no readable images"):
+        train_upsampler(model_dir, EmptyStream(), size=S, train_config=train_config, config=tiny_upsampler_config(),
+                        run_dir=tmp_path / "empty", progress=False)
+
+
 @pytest.mark.parametrize("text_encoder", ["clip", "transformer"])
 def test_streamed_batches_match_the_encode_once_path(tiny_clip, tmp_path, text_encoder):
     """What the loss sees from a streamed batch equals the encode-once items of the same samples."""
