@@ -361,7 +361,7 @@ def stage_options(fn):
                      help="Folder of image/caption pairs, a folder of .tar shards, or a shard pattern."),
         # Diffusion
         click.option("--prediction", type=click.Choice(["epsilon", "v_prediction"]), default=None,
-                     help="What the network predicts [default: the preset's, epsilon]."),
+                     help="What the network predicts [default: the preset's, v_prediction]."),
         click.option("--min-snr", type=click.FloatRange(min=0), default=None,
                      help="Min-SNR-gamma loss weighting, 0 turns it off [default: the preset's, 5]."),
         # Sample grids
@@ -387,7 +387,7 @@ def _given(**fields) -> dict:
 @click.option("--preset", type=click.Choice(DECODER_PRESET_NAMES), default="tiny", show_default=True,
               help="Decoder UNet size (tiny, small: 32 px); D, W and L come from the CLIP.")
 @click.option("--text-drop", type=click.FloatRange(0, 1, max_open=True), default=None,
-              help="Training probability of dropping the caption for guidance [default: the preset's, 0.5].")
+              help="Training probability of dropping the caption for guidance [default: the preset's, 0.2].")
 @click.option("--image-drop", type=click.FloatRange(0, 1, max_open=True), default=None,
               help="Training probability of dropping the image embedding [default: the preset's, 0.1].")
 @click.option("--text-encoder", type=click.Choice(DECODER_TEXT_ENCODERS), default=None,
@@ -422,9 +422,9 @@ def train_decoder_cmd(model_dir, data, preset, text_drop, image_drop, text_encod
 @click.option("--preset", type=click.Choice(UPSAMPLER_PRESET_NAMES), default=None,
               help="Upsampler UNet [default: tiny-SIZE].")
 @click.option("--aug-max", type=click.FloatRange(0, 1), default=None,
-              help="Largest noise-augmentation level of the low-res input [default: the preset's, 0.5].")
+              help="Largest noise-augmentation level of the low-res input [default: the preset's, 0.2].")
 @click.option("--blur-prob", type=click.FloatRange(0, 1), default=None,
-              help="Probability of blurring the low-res input [default: the preset's, 0.5].")
+              help="Probability of blurring the low-res input [default: the preset's, 0.2].")
 @train_options
 @friendly_errors
 def train_upsampler_cmd(model_dir, data, size, preset, aug_max, blur_prob, prediction, min_snr, sample_every,

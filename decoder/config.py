@@ -27,12 +27,13 @@ class DecoderConfig:
     context_length: int = 0                              # L, CLIP text context (0: taken from the CLIP)
     num_image_tokens: int = 4                            # extra context tokens projected from image_emb
     image_drop_prob: float = 0.1                         # CFG: image_emb -> learned null embedding in training
-    text_drop_prob: float = 0.5                          # CFG: text tokens -> learned null tokens in training
+    text_drop_prob: float = 0.2                          # CFG: text tokens -> learned null tokens in training
+                                                         # (the paper's 0.5 lost counts on the shapes oracle)
     text_encoder: str = "clip"                           # "clip": CLIP's token states; "transformer": GLIDE's own
     text_layers: int = 4                                 # "transformer": causal layers of the text transformer
     text_heads: int = 4                                  # "transformer": attention heads (W must divide by it)
     text_vocab_size: int = 0                             # "transformer": token ids (0: the CLIP tokenizer's)
-    prediction_type: str = "epsilon"                     # "epsilon" | "v_prediction"
+    prediction_type: str = "v_prediction"                # "v_prediction" | "epsilon" (see UpsamplerConfig)
     min_snr_gamma: float = 5.0                           # min-SNR-gamma loss weighting (Hang et al. 2023); 0: off
     num_train_timesteps: int = 1000
     beta_schedule: str = "squaredcos_cap_v2"             # diffusers beta schedule (cosine: Nichol & Dhariwal)
@@ -70,7 +71,9 @@ class UpsamplerConfig:
     blur_prob: float = 0.5                               # probability of blurring the low-res input in training
     blur_sigma: tuple[float, float] = (0.4, 0.6)         # Gaussian blur sigma range (low-res pixels)
     blur_kernel_size: int = 3
-    prediction_type: str = "epsilon"
+    # v-prediction: the cosine schedule ends at alpha_bar = 2.4e-9, where an epsilon model's x0 estimate
+    # (x_t - sqrt(1 - a) eps) / sqrt(a) multiplies its error by ~2e4 and the first sampling steps go astray
+    prediction_type: str = "v_prediction"
     min_snr_gamma: float = 5.0
     num_train_timesteps: int = 1000
     beta_schedule: str = "squaredcos_cap_v2"

@@ -84,8 +84,9 @@ def upsample(model, low_res: torch.Tensor, *, scheduler="ddim", num_steps: int =
     """low_res [B, 3, s, s] in [-1, 1] -> [B, 3, k*s, k*s] in [-1, 1]; low_res is first noised at aug_level.
 
     match_low_res replaces the output's low frequencies with the input's (afterwards downsample(out) equals
-    low_res): a small or briefly trained upsampler keeps its detail but cannot shift colours or tint the
-    background. None: on for unclip's own upsamplers, off for imported ones (Karlo's are used as published).
+    low_res): the upsampler adds detail but cannot shift colours or tint the background. On the shapes
+    model's upsampler it lifts PSNR from 28.6 dB (bicubic: 27.8) to 40.9 dB (scripts/compare_upsampler.py).
+    None: on for unclip's own upsamplers, off for imported ones (Karlo's are used as published).
     """
     c = model.config
     if low_res.ndim != 4 or low_res.shape[1] != c.in_channels:

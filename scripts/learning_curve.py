@@ -34,16 +34,22 @@ def load_decoder(run: Path, checkpoint: Path | None = None) -> Decoder:
     return decoder.eval()
 
 
-def score(decoder: Decoder, test: ImageTextFolder, rows: list[int], clip: ClipEncoder, shapes: bool) -> dict:
+def score(decoder: Decoder, test: ImageTextFolder, rows: list[int], clip: ClipEncoder, shapes: bool,
+          chunk: int = 100) -> dict:
+    """FD in CLIP space (and, on shapes data, the oracle's report) of the decoder's images for test[rows],
+    decoded from their true image embeddings, `chunk` captions per sampling batch."""
     captions = [test.captions[i] for i in rows]
     real = torch.stack([test[i]["image"] for i in rows])
     image_emb = clip.encode_image(real)
-    text_emb, tokens, mask = clip.encode_text(captions)
     if decoder.config.text_encoder == "transformer":  # the decoder's own text transformer reads token ids
         tokens, mask = clip.token_ids(captions)
+    else:
+        _, tokens, mask = clip.encode_text(captions)
+    generator = torch.Generator().manual_seed(0)
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
-        images = sample_decoder(decoder, image_emb, tokens, mask, num_steps=25, progress=False,
-                                generator=torch.Generator().manual_seed(0))["images"].float()
+        images = torch.cat([sample_decoder(decoder, image_emb[i:i + chunk], tokens[i:i + chunk], mask[i:i + chunk],
+                                           num_steps=25, progress=False, generator=generator)["images"].float()
+                            for i in range(0, len(rows), chunk)])
     result = {"fd_clip": frechet_distance(clip.encode_image(images), image_emb)}
     if shapes:
         from unclip.eval.shapes import evaluate

@@ -1,6 +1,8 @@
 """The model recipe (data -> CLIP -> embeddings -> prior -> decoder -> upsampler -> export) and the report."""
 
 import json
+import sys
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -26,30 +28,59 @@ RECIPE = {
 }
 
 
-def test_recipe_runs_every_stage_resumes_and_reports(tmp_path):
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """(the recipe's path, its folder) after `unclip train recipe` ran it once."""
+    tmp_path = tmp_path_factory.mktemp("recipe")
     path = tmp_path / "tiny.json"
     path.write_text(json.dumps(RECIPE))
-    runner = CliRunner()
-    result = runner.invoke(cli.main, ["train", "recipe", str(path), "--out", str(tmp_path / "run"), "--quiet"])
+    result = CliRunner().invoke(cli.main, ["train", "recipe", str(path), "--out", str(tmp_path / "run"), "--quiet"])
     assert result.exit_code == 0, result.output
-    stages = [s["stage"] for s in describe_stages(tmp_path / "run")]
+    return path, tmp_path / "run"
+
+
+def test_recipe_runs_every_stage_resumes_and_reports(tiny_run, tmp_path):
+    path, run = tiny_run
+    runner = CliRunner()
+    stages = [s["stage"] for s in describe_stages(run)]
     assert stages == ["data", "clip", "embeddings", "prior", "decoder", "upsampler", "export"]
-    export = tmp_path / "run" / "export"
+    export = run / "export"
     index = json.loads((export / "model_index.json").read_text())
     assert set(index["components"]) == {"clip", "prior", "decoder", "upsampler_64"}
-    again = runner.invoke(cli.main, ["train", "recipe", str(path), "--out", str(tmp_path / "run"), "--quiet"])
+    again = runner.invoke(cli.main, ["train", "recipe", str(path), "--out", str(run), "--quiet"])
     assert again.exit_code == 0 and " ..." not in again.output  # every stage is done: nothing re-runs
 
     report_md = tmp_path / "MODELS.md"
     result = runner.invoke(cli.main, ["eval", "model", "--model", str(export), "--data",
-                                      str(tmp_path / "run" / "data" / "test"), "--train-data",
-                                      str(tmp_path / "run" / "data" / "train"), "--n", "4", "--markdown",
+                                      str(run / "data" / "test"), "--train-data",
+                                      str(run / "data" / "train"), "--n", "4", "--markdown",
                                       str(report_md), "--name", "tiny", "--grid", str(tmp_path / "grid.png")])
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)
     assert set(report["shapes"]) >= {"overall", "single", "placed", "relation", "count", "held_out"}
     assert 0 <= report["images"]["r_precision"]["top1"] <= 1 and report["images"]["fd_generated"] >= 0
     assert "## tiny" in report_md.read_text() and (tmp_path / "grid.png").is_file()
+
+
+def test_decoder_ablation_trains_and_scores_each_arm(tiny_run, capsys):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    from ablate_decoder import main as ablate
+
+    path, run = tiny_run
+    arms = ["drop0.5:text_drop_prob=0.5", "transformer:text_encoder=transformer,text_drop_prob=0.2"]
+    ablate(["--recipe", str(path), "--run", str(run), "--steps", "2", "--n", "6", "--threads", "1",
+            *[a for arm in arms for a in ("--arm", arm)]])
+    table = capsys.readouterr().out
+    for name, overrides in [("drop0.5", {"text_drop_prob": 0.5}),
+                            ("transformer", {"text_encoder": "transformer", "text_drop_prob": 0.2})]:
+        arm = run / "ablation" / name
+        assert json.loads((arm / "runs" / "decoder" / "train_config.json").read_text())["decoder"].items() \
+            >= overrides.items()
+        score = json.loads((arm / "score.json").read_text())
+        assert score["overrides"] == overrides and 0 <= score["relation"] <= 1 and score["fd_clip"] >= 0
+        assert f"| {name} | " in table
+    with pytest.raises(SystemExit, match="no field 'text_dropp'"):
+        ablate(["--recipe", str(path), "--run", str(run), "--steps", "2", "--arm", "x:text_dropp=0.5"])
 
 
 def test_recipe_validation(tmp_path):
