@@ -422,9 +422,9 @@ def train_decoder_cmd(model_dir, data, preset, text_drop, image_drop, text_encod
 @click.option("--preset", type=click.Choice(UPSAMPLER_PRESET_NAMES), default=None,
               help="Upsampler UNet [default: tiny-SIZE].")
 @click.option("--aug-max", type=click.FloatRange(0, 1), default=None,
-              help="Largest noise-augmentation level of the low-res input [default: the preset's, 0.2].")
+              help="Largest noise-augmentation level of the low-res input [default: the preset's, 0.5].")
 @click.option("--blur-prob", type=click.FloatRange(0, 1), default=None,
-              help="Probability of blurring the low-res input [default: the preset's, 0.2].")
+              help="Probability of blurring the low-res input [default: the preset's, 0.5].")
 @train_options
 @friendly_errors
 def train_upsampler_cmd(model_dir, data, size, preset, aug_max, blur_prob, prediction, min_snr, sample_every,

@@ -84,8 +84,11 @@ def main(argv=None):
         out = arm / "score.json"
         if not out.is_file():
             clip = ClipEncoder.load(arm / "model" / "clip")
-            out.write_text(json.dumps({"overrides": overrides, "n": args.n, "steps": args.steps,
-                                       **score(load_decoder(arm), test, rows, clip, shapes=True)}))
+            result = {"overrides": overrides, "n": args.n, "steps": args.steps,
+                      **score(load_decoder(arm), test, rows, clip, shapes=True)}
+            tmp = out.with_suffix(".tmp")
+            tmp.write_text(json.dumps(result))
+            tmp.replace(out)  # a score.json is whole or absent
         results[name] = json.loads(out.read_text())
     print(f"| arm | {' | '.join(KINDS)} | FD |\n|---|{'---|' * (len(KINDS) + 1)}")
     for name, r in results.items():
