@@ -18,14 +18,9 @@ import torch.nn.functional as F
 from decoder.sample import upsample
 from decoder.upsampler import downsample
 from unclip.data.datasets import ImageTextFolder
+from unclip.eval.metrics import psnr
 from unclip.images import make_grid, tensor_to_pil
 from unclip.pipeline import UnCLIPPipeline
-
-
-def psnr(images: torch.Tensor, real: torch.Tensor) -> float:
-    """Mean PSNR in dB of images in [-1, 1] against real ones (peak-to-peak 2)."""
-    mse = (images.float() - real.float()).pow(2).flatten(1).mean(1).clamp_min(1e-10)
-    return float((10 * torch.log10(4 / mse)).mean())
 
 
 def main(argv=None):

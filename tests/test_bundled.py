@@ -14,15 +14,12 @@ from decoder.sample import upsample
 from decoder.upsampler import downsample
 from unclip import UnCLIPPipeline
 from unclip.data.shapes import render_scene, sample_scene
+from unclip.eval.metrics import psnr
 from unclip.images import pil_to_tensor
 from unclip.hub import BUNDLED_DIR, DEFAULT_MODEL, bundled_models, file_checksums, resolve_model
 
 EXPECTED = ["emoji", "shapes"]
 FAST = dict(prior_steps=2, decoder_steps=2, upsampler_steps=2)
-
-
-def psnr(images: torch.Tensor, real: torch.Tensor) -> float:
-    return float((10 * torch.log10(4 / (images - real).pow(2).flatten(1).mean(1))).mean())
 
 
 def test_the_bundled_models_are_installed():

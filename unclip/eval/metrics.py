@@ -58,3 +58,9 @@ def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
 def mean_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     """Mean row-wise cosine similarity of two [N, D] tensors."""
     return float(F.cosine_similarity(a.float(), b.float(), dim=-1).mean())
+
+
+def psnr(images: torch.Tensor, real: torch.Tensor) -> float:
+    """Mean PSNR in dB of images [B, 3, H, W] in [-1, 1] against real ones (peak-to-peak 2)."""
+    mse = (images.float() - real.float()).pow(2).flatten(1).mean(1).clamp_min(1e-10)
+    return float((10 * torch.log10(4 / mse)).mean())
