@@ -111,6 +111,8 @@ def unet_kwargs(config: UpsamplerConfig) -> dict:
 class Upsampler(nn.Module):
     """(x_t, t, low_res, aug_level) -> eps or v prediction [B, 3, S, S]; no text, no guidance."""
 
+    _no_split_modules = ["ResnetBlock2D"]  # the UNet's blocks: FSDP's TRANSFORMER_BASED_WRAP units
+
     def __init__(self, config: UpsamplerConfig):
         super().__init__()
         self.config = config

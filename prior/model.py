@@ -69,6 +69,8 @@ class TextConditionEmbedder(nn.Module):
 class DiffusionPrior(nn.Module):
     """Causal transformer over [text tokens, text_emb, time, x_t, readout] predicting the scaled clean x0."""
 
+    _no_split_modules = ["Attention", "FeedForward"]  # x-transformers' blocks: FSDP's TRANSFORMER_BASED_WRAP units
+
     def __init__(self, config: PriorConfig):
         super().__init__()
         self.config = config

@@ -1,7 +1,7 @@
 """Run by tests/test_distributed.py under `accelerate launch --cpu --num_processes 2`: every distributed check
 in one launch (each launch costs seconds of imports). Also imported by the test for the tiny models and data.
 
-    accelerate launch --cpu --num_processes 2 ... tests/distributed_driver.py WORK_DIR
+    accelerate launch --cpu --num_processes 2 ... tests/distributed_driver.py WORK_DIR [--fsdp]
 
 WORK_DIR holds what the test prepared (shards/, model/ with clip/, runs/resume/ with a step-2 checkpoint);
 this writes runs/{prior,decoder,clip}-2p/, runs/resume/, stream_keys_rank{r}.json, emb/ and the exported
@@ -98,17 +98,41 @@ def clip_data(clip, n: int = 32):
     return _Tokenised(pairs, clip)
 
 
-def run_equivalence(work: Path, batch_size: int, suffix: str) -> None:
-    """The prior, decoder and CLIP runs (1 process with batch 8, or 2 processes with batch 4 each)."""
+def recording_shards(loss_fn, work: Path, run: str):
+    """loss_fn that also writes shards_{run}_rank{r}.json: {local elements, whole elements, DTensors} of the
+    model it is given (the prepared one)."""
+    def fn(model, batch):
+        from torch.distributed.tensor import DTensor
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        path = work / f"shards_{run}_rank{rank}.json"
+        params = list(model.parameters())
+        local = sum((p.to_local() if isinstance(p, DTensor) else p).numel() for p in params)
+        path.write_text(json.dumps({"local": local, "whole": sum(p.numel() for p in params),
+                                    "dtensors": sum(isinstance(p, DTensor) for p in params)}))
+        return loss_fn(model, batch)
+    return fn
+
+
+def run_equivalence(work: Path, batch_size: int, suffix: str, setup=lambda: None, clip: bool = True) -> None:
+    """The prior, decoder and CLIP runs (1 process with batch 8, or 2 processes with batch 4 each);
+    `setup()` runs before each. Each process records how much of each model it holds (shards_*.json)."""
     from decoder.loss import decoder_loss
     from prior.loss import prior_loss
+
+    prior_loss = recording_shards(prior_loss, work, f"prior-{suffix}")
+    decoder_loss = recording_shards(decoder_loss, work, f"decoder-{suffix}")
     from unclip.clip_training import clip_loss_fn
     from unclip.training import train
 
+    setup()
     train(make_prior(), prior_loss, prior_data(), work / "runs" / f"prior-{suffix}", train_config(batch_size),
           progress=False)
+    setup()
     train(make_decoder(), decoder_loss, decoder_data(), work / "runs" / f"decoder-{suffix}",
           train_config(batch_size), progress=False)
+    if not clip:
+        return
+    setup()
     clip = make_clip()
     train(clip, clip_loss_fn, clip_data(clip), work / "runs" / f"clip-{suffix}", train_config(batch_size),
           progress=False)
@@ -132,6 +156,48 @@ def run_stream(work: Path, rank: int) -> None:
     (work / f"stream_keys_rank{rank}.json").write_text(json.dumps(seen))
 
 
+def use_fsdp2_on_cpu() -> None:
+    """Put accelerate's process state where `accelerate launch --use_fsdp --fsdp_version 2` puts it on GPUs.
+
+    accelerate selects FSDP only on accelerators (CUDA, XPU, NPU, ...): on CPU processes it keeps MULTI_CPU
+    and ignores ACCELERATE_USE_FSDP. torch's FSDP2 itself runs on CPUs over gloo, so this sets the state
+    that the launcher's environment (ACCELERATE_USE_FSDP, FSDP_VERSION, FSDP_* read by the plugin) would
+    select on GPUs; everything after it, `prepare` included, is accelerate's own FSDP2 code. A fresh plugin
+    per run: accelerate's plugin keeps the first model's wrap classes (one model per launch is the norm).
+    """
+    from accelerate import Accelerator, FullyShardedDataParallelPlugin, PartialState
+    from accelerate.utils import DistributedType
+
+    state = Accelerator().state  # MULTI_CPU; the process-wide state every later Accelerator() shares
+    for shared in (PartialState(), state):  # each AcceleratorState() starts from PartialState's shared dict
+        shared.distributed_type = DistributedType.FSDP
+    state.fsdp_plugin = FullyShardedDataParallelPlugin()  # from the FSDP_* environment the test sets
+
+
+def main_fsdp(work: Path) -> None:
+    """The prior and decoder runs under FSDP2, the CLIP's refusal, and the 1-process step-2 checkpoint resumed
+    under FSDP2."""
+    from prior.loss import prior_loss
+    from unclip.clip_training import clip_loss_fn
+    from unclip.training import Hooks
+    from unclip.training import train
+
+    run_equivalence(work, 4, "fsdp", setup=use_fsdp2_on_cpu, clip=False)
+    use_fsdp2_on_cpu()
+    clip = make_clip()  # open_clip's scalar logit_scale: refused with a one-line error before anything runs
+    try:
+        train(clip, clip_loss_fn, clip_data(clip), work / "runs" / "clip-fsdp", train_config(4), progress=False)
+    except ValueError as error:
+        (work / f"clip_fsdp_error_rank{torch.distributed.get_rank()}.txt").write_text(str(error))
+    use_fsdp2_on_cpu()
+    # an evaluate hook (main process) sees the gathered, whole EMA weights: their sum goes to metrics.csv
+    def ema_sum(ema, step):
+        return {"ema_sum": float(sum(v.double().sum() for v in ema.state_dict().values())),
+                "ema_dtensors": float(sum(type(p).__name__ == "DTensor" for p in ema.parameters()))}
+    train(make_prior(), prior_loss, prior_data(), work / "runs" / "resume-fsdp", train_config(4), resume=True,
+          progress=False, hooks=Hooks(evaluate=ema_sum))
+
+
 def main(work: Path) -> None:
     import cli
     from prior.loss import prior_loss
@@ -152,4 +218,4 @@ def main(work: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    (main_fsdp if "--fsdp" in sys.argv[2:] else main)(Path(sys.argv[1]))

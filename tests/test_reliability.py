@@ -73,14 +73,14 @@ def test_disk_full_while_checkpointing_keeps_the_previous_one(tmp_path, monkeypa
 
     model = torch.nn.Linear(1, 1)
     ema = torch.nn.Linear(1, 1)
-    opt = torch.optim.AdamW(model.parameters())
-    training.save_checkpoint(tmp_path, 2, model, ema, opt, 32, keep=2)
+    model_state, opt_state = training.full_state(model, torch.optim.AdamW(model.parameters()))
+    training.save_checkpoint(tmp_path, 2, model_state, ema, opt_state, 32, keep=2)
 
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(training, "save_file", full)
     with pytest.raises(training.TrainingError, match="no space left"):
-        training.save_checkpoint(tmp_path, 4, model, ema, opt, 64, keep=2)
+        training.save_checkpoint(tmp_path, 4, model_state, ema, opt_state, 64, keep=2)
     assert [s for s, _ in list_checkpoints(tmp_path)] == [2]
     assert not [p for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith(".")]

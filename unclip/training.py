@@ -13,15 +13,18 @@ dropout however the global batch is split over processes and micro-steps: N proc
 batch B train like one process with batch N*B (equal up to float summation order). Draws that do not go
 through it (torch's global RNG) are seeded per (seed, micro-step, rank).
 
-Distributed (accelerate launch): DDP wraps the model; every rank computes the same EMA from the unwrapped,
-synchronised weights; only the main process writes checkpoints, exports, samples, metrics and logs; the
-logged loss is the mean over processes. The EMA, gradient clipping and checkpoints read whole weights and
-optimizer states, so FSDP and DeepSpeed configs (which shard them) are refused with a ValueError rather than
-run with a wrong EMA or an incomplete checkpoint. See docs/SCALING.md.
+Distributed (accelerate launch): every rank starts from rank 0's initial weights. Under DDP every rank
+computes the same EMA from the synchronised whole weights; under FSDP2 (accelerate's config with
+`fsdp_version: 2`) each rank averages its own DTensor shards, placed like the model's (`EMA`). Checkpoints
+hold whole weights and a whole, name-keyed optimizer state (torch.distributed.checkpoint's full state dicts,
+gathered by every rank, written by the main process), so a run resumes on any number of processes and on
+either engine. Only the main process writes checkpoints, exports, samples, metrics and logs; the logged loss
+is the mean over processes. FSDP1 and DeepSpeed are refused with a ValueError (see docs/SCALING.md).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import csv
 import errno
@@ -37,6 +40,9 @@ from typing import Any, Callable
 import torch
 from accelerate import Accelerator
 from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict, set_optimizer_state_dict)
+from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 from tqdm.auto import tqdm
 
@@ -216,12 +222,50 @@ def split_heldout(n: int, heldout: int, seed: int) -> tuple[torch.Tensor, torch.
 
 
 @torch.no_grad()
-def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
-    """ema = decay * ema + (1 - decay) * model, parameter by parameter (buffers copied)."""
-    for e, p in zip(ema.parameters(), model.parameters()):
+def update_ema(ema_params, params, decay: float) -> None:
+    """ema = decay * ema + (1 - decay) * param, tensor by tensor (DTensor shards average locally)."""
+    for e, p in zip(ema_params, params):
         e.lerp_(p.detach().to(e.dtype), 1 - decay)
-    for e, b in zip(ema.buffers(), model.buffers()):
-        e.copy_(b)
+
+
+class EMA:
+    """The exponential moving average of a model's weights, sharded like the prepared model.
+
+    `module` holds whole fp32 weights: what checkpoints, exports and the hooks read. Where the prepared model's
+    parameters are plain tensors (one process, DDP) the average is `module`'s own parameters, on the device.
+    Where they are FSDP2 DTensor shards, the average is kept as DTensors placed like them on the device, so
+    each process updates its own shard, `module` waits in host memory, and `gather()` (a collective: every
+    process calls it) writes the whole weights into it.
+    """
+
+    def __init__(self, module: torch.nn.Module, prepared: torch.nn.Module):
+        self.module = module
+        self.params = [distribute_tensor(e.data, p.device_mesh, p.placements) if isinstance(p, DTensor) else e
+                       for e, p in zip(module.parameters(), prepared.parameters())]
+        self.sharded = any(isinstance(e, DTensor) for e in self.params)
+        if self.sharded:
+            self.module.to("cpu")
+
+    @torch.no_grad()
+    def update(self, prepared: torch.nn.Module, decay: float) -> None:
+        update_ema(self.params, prepared.parameters(), decay)
+        for e, b in zip(self.module.buffers(), prepared.buffers()):
+            e.copy_(b.to(e.device))
+
+    @torch.no_grad()
+    def gather(self) -> torch.nn.Module:
+        """`module` with the current average (all-gathers the shards under FSDP2)."""
+        if self.sharded:
+            for e, s in zip(self.module.parameters(), self.params):
+                e.copy_(s.full_tensor() if isinstance(s, DTensor) else s)
+        return self.module
+
+    @contextlib.contextmanager
+    def on(self, device):
+        """The (gathered) module on `device` while the hooks run; back in host memory afterwards if sharded."""
+        yield self.module.to(device)
+        if self.sharded:
+            self.module.to("cpu")
 
 
 def lr_factor(step: int, config: TrainConfig) -> float:
@@ -242,13 +286,25 @@ def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def save_checkpoint(run_dir: Path, step: int, model, ema, optimizer, samples_seen: int, keep: int) -> Path:
+_FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)  # whole tensors, on the CPU of rank 0
+
+
+def full_state(model, optimizer) -> tuple[dict, dict]:
+    """Whole model weights and the whole optimizer state keyed by parameter name, from a plain, DDP or FSDP2
+    model (a collective under FSDP2: every process calls it; processes other than rank 0 get empty dicts)."""
+    optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper -> the torch optimizer
+    return get_model_state_dict(model, options=_FULL), get_optimizer_state_dict(model, optimizer, options=_FULL)
+
+
+def save_checkpoint(run_dir: Path, step: int, model_state: dict, ema, optimizer_state: dict, samples_seen: int,
+                    keep: int) -> Path:
+    """Write checkpoints/step-N (whole weights, EMA module, name-keyed optimizer state) atomically."""
     target = Path(run_dir) / "checkpoints" / f"step-{step:08d}"
 
     def fill(tmp: Path) -> None:
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
+        save_file({k: v.contiguous() for k, v in model_state.items()}, str(tmp / "model.safetensors"))
         save_file({k: v.contiguous() for k, v in ema.state_dict().items()}, str(tmp / "ema.safetensors"))
-        torch.save({"step": step, "samples_seen": samples_seen, "optimizer": optimizer.state_dict()},
+        torch.save({"step": step, "samples_seen": samples_seen, "optimizer": optimizer_state},
                    tmp / "training_state.pt")
 
     try:
@@ -263,13 +319,21 @@ def save_checkpoint(run_dir: Path, step: int, model, ema, optimizer, samples_see
     return target
 
 
-def load_checkpoint(path: Path, model, ema, optimizer) -> tuple[int, int]:
-    """Restore weights and optimizer state; returns (step, samples_seen)."""
+def load_checkpoint(path: Path, model, ema) -> dict:
+    """Restore whole weights into the unprepared model and EMA module; returns training_state.pt's contents
+    (step, samples_seen, optimizer: load it into the prepared optimizer with `load_optimizer_state`)."""
     model.load_state_dict(load_file(str(path / "model.safetensors")))
     ema.load_state_dict(load_file(str(path / "ema.safetensors")))
-    state = torch.load(path / "training_state.pt", map_location="cpu", weights_only=True)
-    optimizer.load_state_dict(state["optimizer"])
-    return int(state["step"]), int(state["samples_seen"])
+    return torch.load(path / "training_state.pt", map_location="cpu", weights_only=True)
+
+
+def load_optimizer_state(model, optimizer, state: dict) -> None:
+    """A name-keyed whole optimizer state (`full_state`) into the prepared model's optimizer, sharded as it is."""
+    optimizer = getattr(optimizer, "optimizer", optimizer)
+    if all(isinstance(i, int) for group in state["param_groups"] for i in group["params"]):
+        optimizer.load_state_dict(state)  # a checkpoint from before name-keyed states (whole, unsharded weights)
+        return
+    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
 
 
 class MetricsLog:
@@ -337,22 +401,27 @@ def train(model: torch.nn.Module, loss_fn: Callable, dataset, run_dir: str | os.
         _prepare_run_dir(run_dir, config, {**(extra_info or {}), "distributed": scale}, resume, bool(checkpoints))
     accelerator.wait_for_everyone()
 
-    ema = copy.deepcopy(model).float().requires_grad_(False).eval()
+    model.to(accelerator.device)
+    if world > 1:  # every rank starts from rank 0's weights (DDP broadcasts them itself, FSDP2 does not)
+        _broadcast_weights(model)
+    ema_module = copy.deepcopy(model).float().requires_grad_(False).eval()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, betas=config.adam_betas, weight_decay=config.weight_decay)
-    step, samples_seen = 0, 0
+    step, samples_seen, resumed = 0, 0, None
     if resume and checkpoints:
-        step, samples_seen = load_checkpoint(checkpoints[-1][1], model, ema, optimizer)
+        resumed = load_checkpoint(checkpoints[-1][1], model, ema_module)
+        step, samples_seen = int(resumed["step"]), int(resumed["samples_seen"])
         if main:
             tqdm.write(f"resumed from {checkpoints[-1][1]} (step {step})")
     _check_same_step(accelerator, step, run_dir)
+    _check_shardable(accelerator, model)
     model, optimizer = accelerator.prepare(model, optimizer)
+    if resumed is not None:
+        load_optimizer_state(model, optimizer, resumed["optimizer"])
     if config.compile:
         accelerator.unwrap_model(model).compile()  # in place: state_dict keys and checkpoints are unchanged
     params = [p for p in model.parameters() if p.requires_grad]  # those of the prepared model (for clipping)
-    if step == 0 and world > 1:  # DDP broadcast rank 0's initial weights: start every rank's EMA from them
-        ema.load_state_dict(accelerator.unwrap_model(model).state_dict())
-    ema.to(accelerator.device)
+    ema = EMA(ema_module.to(accelerator.device), accelerator.unwrap_model(model))
     if main:
         tqdm.write(f"effective batch {global_batch} ({config.batch_size} x {world} processes x "
                    f"{config.grad_accum} accumulation), lr {config.lr:g}")
@@ -362,11 +431,13 @@ def train(model: torch.nn.Module, loss_fn: Callable, dataset, run_dir: str | os.
     skipped, timer, seen_at_timer = skipped if main else 0, time.perf_counter(), samples_seen
 
     def checkpoint():
-        if main:  # DDP: every rank holds the same whole weights; the main process writes them
-            unwrapped = accelerator.unwrap_model(model)
-            save_checkpoint(run_dir, step, unwrapped, ema, optimizer, samples_seen, config.keep_checkpoints)
+        model_state, optimizer_state = full_state(model, optimizer)  # every rank: a collective under FSDP2
+        ema_module = ema.gather()
+        if main:
+            save_checkpoint(run_dir, step, model_state, ema_module, optimizer_state, samples_seen,
+                            config.keep_checkpoints)
             if hooks.export:
-                hooks.export(ema, step)
+                hooks.export(ema_module, step)
         accelerator.wait_for_everyone()
 
     try:
@@ -389,7 +460,7 @@ def train(model: torch.nn.Module, loss_fn: Callable, dataset, run_dir: str | os.
                     _check_finite(loss, step, run_dir, accelerator)
                     accelerator.backward(loss)
                     if accelerator.sync_gradients and config.grad_clip > 0:
-                        logs["grad_norm"] = float(accelerator.clip_grad_norm_(params, config.grad_clip))
+                        logs["grad_norm"] = _float(accelerator.clip_grad_norm_(params, config.grad_clip))
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                 logs["loss"] = logs.get("loss", 0.0) + float(loss.detach()) / config.grad_accum
@@ -397,7 +468,7 @@ def train(model: torch.nn.Module, loss_fn: Callable, dataset, run_dir: str | os.
             step += 1
             samples_seen += global_batch
             decay = min(config.ema_decay, (1 + step) / (10 + step))
-            update_ema(ema, accelerator.unwrap_model(model), decay)  # the same on every rank (synchronised weights)
+            ema.update(accelerator.unwrap_model(model), decay)  # DDP: the same on every rank; FSDP2: each its shard
             bar.update(1)
             if step % config.log_every == 0 or step == config.steps:
                 logs = _mean_over_processes(accelerator, logs)
@@ -411,10 +482,16 @@ def train(model: torch.nn.Module, loss_fn: Callable, dataset, run_dir: str | os.
                 log.log(step, samples_seen, logs)
             if step % config.checkpoint_every == 0 or step == config.steps:
                 checkpoint()
-            if main and hooks.evaluate and _due(step, config.eval_every, config.steps):
-                log.log(step, samples_seen, hooks.evaluate(ema, step))
-            if main and hooks.sample and _due(step, config.sample_every, config.steps):
-                _write_samples(run_dir, step, hooks.sample(ema, step))
+            evaluate = hooks.evaluate and _due(step, config.eval_every, config.steps)
+            sample = hooks.sample and _due(step, config.sample_every, config.steps)
+            if evaluate or sample:
+                ema.gather()  # every rank (a collective under FSDP2); the main process runs the hooks
+                if main:
+                    with ema.on(accelerator.device) as ema_module:
+                        if evaluate:
+                            log.log(step, samples_seen, hooks.evaluate(ema_module, step))
+                        if sample:
+                            _write_samples(run_dir, step, hooks.sample(ema_module, step))
     except KeyboardInterrupt:
         saved = [s for s, _ in list_checkpoints(run_dir)]
         if world == 1 and step > 0 and step not in saved:
@@ -423,7 +500,7 @@ def train(model: torch.nn.Module, loss_fn: Callable, dataset, run_dir: str | os.
         raise
     finally:
         bar.close()
-    return ema
+    return ema.gather()
 
 
 def _due(step: int, every: int, last: int) -> bool:
@@ -441,12 +518,40 @@ def _batch_len(batch: dict) -> int:
 
 
 def _check_whole_parameters(accelerator: Accelerator) -> None:
-    """The EMA and the checkpoints read whole weights and optimizer states: refuse engines that shard them."""
+    """The EMA and checkpoints handle plain, DDP and FSDP2 (DTensor) parameters: refuse the engines that
+    flatten or partition them in other ways."""
     kind = accelerator.distributed_type.value
-    if kind in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
+    if kind == "FSDP" and not accelerator.is_fsdp2:
+        raise ValueError("`accelerate launch` with FSDP1 is not supported by the training loop (its flat parameters "
+                         "break the per-parameter EMA): set `fsdp_version: 2` in the accelerate config "
+                         "(--fsdp_version 2) — see docs/SCALING.md")
+    if kind in ("DEEPSPEED", "MEGATRON_LM"):
         raise ValueError(f"`accelerate launch` with {kind} is not supported by the training loop: its EMA, gradient "
-                         "clipping and checkpoints need whole weights and optimizer states on every process; use "
-                         "DDP (`accelerate launch --multi_gpu`) — see docs/SCALING.md for when sharding is needed")
+                         "clipping and checkpoints need plain, DDP or FSDP2 parameters; use DDP "
+                         "(`accelerate launch --multi_gpu`) or FSDP2 (`--use_fsdp --fsdp_version 2`) — see "
+                         "docs/SCALING.md")
+
+
+def _check_shardable(accelerator: Accelerator, model: torch.nn.Module) -> None:
+    """torch's fully_shard refuses 0-dim parameters (open_clip's logit_scale): say so in one line."""
+    if accelerator.distributed_type.value != "FSDP":
+        return
+    scalars = [name for name, p in model.named_parameters() if p.ndim == 0]
+    if scalars:
+        raise ValueError(f"FSDP2 cannot shard the scalar parameter(s) {', '.join(scalars)} of this model "
+                         f"({type(model).__name__}); train it with DDP (`accelerate launch --multi_gpu`)")
+
+
+def _broadcast_weights(model: torch.nn.Module) -> None:
+    """Rank 0's parameters and buffers to every process (before `prepare`)."""
+    with torch.no_grad():
+        for tensor in [*model.parameters(), *model.buffers()]:
+            torch.distributed.broadcast(tensor.data, src=0)
+
+
+def _float(value) -> float:
+    """A scalar tensor (a replicated DTensor under FSDP2) as a Python float."""
+    return float(value.full_tensor() if isinstance(value, DTensor) else value)
 
 
 def _check_same_step(accelerator: Accelerator, step: int, run_dir: Path) -> None:
