@@ -348,7 +348,7 @@ def eval_prior_cmd(model_dir, data, out, sampler, steps, guidance, limit, batch_
 # DECODER-COMMANDS-BEGIN
 DECODER_PRESET_NAMES = ["tiny", "small", "base-64"]            # decoder.config.DECODER_PRESETS (checked by a test)
 UPSAMPLER_PRESET_NAMES = ["tiny-64", "small-64", "tiny-256"]   # decoder.config.UPSAMPLER_PRESETS (checked)
-DECODER_TEXT_ENCODERS = ["clip", "transformer"]                # decoder.config.TEXT_ENCODERS (checked)
+DECODER_TEXT_ENCODERS = ["clip", "clip+input", "transformer"]  # decoder.config.TEXT_ENCODERS (checked)
 
 
 def stage_options(fn):
@@ -391,27 +391,35 @@ def _given(**fields) -> dict:
 @click.option("--image-drop", type=click.FloatRange(0, 1, max_open=True), default=None,
               help="Training probability of dropping the image embedding [default: the preset's, 0.1].")
 @click.option("--text-encoder", type=click.Choice(DECODER_TEXT_ENCODERS), default=None,
-              help="Caption tokens: CLIP's token states, or a small text transformer trained with the decoder "
-                   "(GLIDE's) [default: the preset's, clip].")
+              help="Caption tokens: CLIP's final token states; those and CLIP's input embeddings (clip+input: "
+                   "keeps word identity); or a small text transformer trained with the decoder (GLIDE's) "
+                   "[default: the preset's, clip].")
+@click.option("--position-channels/--no-position-channels", default=None,
+              help="Give the UNet two pixel-coordinate input channels (CoordConv) [default: the preset's, off].")
+@click.option("--init-from", type=click.Path(exists=True, file_okay=False), default=None,
+              help="Start from this decoder folder's weights (fine-tuning) instead of a fresh initialisation; "
+                   "adding position channels to it is allowed.")
 @train_options
 @friendly_errors
-def train_decoder_cmd(model_dir, data, preset, text_drop, image_drop, text_encoder, prediction, min_snr,
-                      sample_every, sample_steps, heldout, resume, run_dir, quiet, **kw):
+def train_decoder_cmd(model_dir, data, preset, text_drop, image_drop, text_encoder, position_channels, init_from,
+                      prediction, min_snr, sample_every, sample_steps, heldout, resume, run_dir, quiet, **kw):
     """Train the decoder: CLIP image embedding (+ caption tokens) -> base image.
 
     \b
     unclip train decoder --model models/shapes --data data/shapes/train --steps 20000
     unclip train decoder --model models/shapes --data data/shapes/train --preset small --text-drop 0.2
     unclip train decoder --model models/shapes --data data/shapes/train --text-encoder transformer
+    unclip train decoder --model my-model --data my-pairs --init-from models/shapes/decoder --steps 2000
     """
     from decoder.config import decoder_preset
     from decoder.training import train_decoder
 
     config = decoder_preset(preset, **_given(text_drop_prob=text_drop, image_drop_prob=image_drop,
                                              text_encoder=text_encoder, prediction_type=prediction,
-                                             min_snr_gamma=min_snr))
+                                             min_snr_gamma=min_snr, position_channels=position_channels))
     train_decoder(model_dir, data, train_config=make_train_config(kw, sample_every=sample_every), config=config,
-                  run_dir=run_dir, resume=resume, heldout=heldout, sample_steps=sample_steps, progress=not quiet)
+                  run_dir=run_dir, resume=resume, heldout=heldout, sample_steps=sample_steps, progress=not quiet,
+                  init_from=init_from)
     click.echo(f"wrote {model_dir}/decoder")
 
 

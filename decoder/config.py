@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from unclip.schedulers import DEFAULT_NOISE_SCHEDULE
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
-TEXT_ENCODERS = ("clip", "transformer")
+TEXT_ENCODERS = ("clip", "clip+input", "transformer")
 
 
 @dataclass
@@ -16,6 +16,9 @@ class DecoderConfig:
     image_size: int = 32                                 # S, side of the generated image
     in_channels: int = 3
     out_channels: int = 3
+    position_channels: bool = False                      # give the UNet x_t plus 2 pixel-coordinate channels
+                                                         # (CoordConv): where an object goes can then depend
+                                                         # on the condition (docs/MODELS.md)
     block_out_channels: tuple[int, ...] = (32, 64, 128)  # UNet width per resolution level
     layers_per_block: int = 2                            # residual blocks per level
     attention_levels: tuple[bool, ...] = (False, True, True)  # which levels attend to the context tokens
@@ -29,7 +32,9 @@ class DecoderConfig:
     image_drop_prob: float = 0.1                         # CFG: image_emb -> learned null embedding in training
     text_drop_prob: float = 0.2                          # CFG: text tokens -> learned null tokens in training
                                                          # (the paper's 0.5 lost counts on the shapes oracle)
-    text_encoder: str = "clip"                           # "clip": CLIP's token states; "transformer": GLIDE's own
+    text_encoder: str = "clip"                           # "clip": CLIP's final token states [L, W]; "clip+input":
+                                                         # those and CLIP's input embeddings [L, 2W] (word
+                                                         # identity); "transformer": GLIDE's own
     text_layers: int = 4                                 # "transformer": causal layers of the text transformer
     text_heads: int = 4                                  # "transformer": attention heads (W must divide by it)
     text_vocab_size: int = 0                             # "transformer": token ids (0: the CLIP tokenizer's)

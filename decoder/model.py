@@ -23,6 +23,7 @@ Einstein notation:
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import torch
@@ -120,11 +121,38 @@ class ImageTextEmbedder(nn.Module):
         return context, context_mask, time_offset
 
 
+def decoder_text(clip, config: DecoderConfig, prompts) -> tuple[torch.Tensor, torch.Tensor]:
+    """What a decoder with this config reads of the prompts: (text_tokens, mask [B, L]).
+
+    text_tokens are CLIP's final token states [B, L, W] ("clip"), those with CLIP's input embeddings
+    [B, L, 2W] ("clip+input"), or the tokenizer's ids [B, L] for the decoder's own transformer ("transformer").
+    """
+    if config.text_encoder == "transformer":
+        return clip.token_ids(prompts)
+    _, text_tokens, mask = clip.encode_text(prompts, with_input=config.text_encoder == "clip+input")
+    return text_tokens, mask
+
+
+def position_channels(x: torch.Tensor) -> torch.Tensor:
+    """[B, C, H, W] -> [B, 2, H, W]: each pixel's (x, y) centre in [-1, 1] (CoordConv, Liu et al. 2018).
+
+    "We show that convolution lacks the ability to map coordinates to positions; CoordConv gives it access to
+    its own input coordinates through extra channels." Without them this decoder drew "on the left" objects
+    on the left half half of the time, true image embedding or not (docs/MODELS.md).
+    """
+    B, _, H, W = x.shape
+    ys = (torch.arange(H, device=x.device, dtype=x.dtype) + 0.5) / H * 2 - 1  # [H]
+    xs = (torch.arange(W, device=x.device, dtype=x.dtype) + 0.5) / W * 2 - 1  # [W]
+    grid = torch.stack([xs[None, :].expand(H, W), ys[:, None].expand(H, W)])  # [2, H, W]
+    return grid[None].expand(B, 2, H, W)
+
+
 def unet_kwargs(config: DecoderConfig) -> dict:
     """UNet2DConditionModel arguments: GLIDE/Karlo-style blocks; class_labels add to the time embedding."""
     down = ["SimpleCrossAttnDownBlock2D" if a else "ResnetDownsampleBlock2D" for a in config.attention_levels]
     up = ["SimpleCrossAttnUpBlock2D" if a else "ResnetUpsampleBlock2D" for a in reversed(config.attention_levels)]
-    return dict(sample_size=config.image_size, in_channels=config.in_channels, out_channels=config.out_channels,
+    in_channels = config.in_channels + (2 if getattr(config, "position_channels", False) else 0)
+    return dict(sample_size=config.image_size, in_channels=in_channels, out_channels=config.out_channels,
                 block_out_channels=tuple(config.block_out_channels), layers_per_block=config.layers_per_block,
                 down_block_types=tuple(down), up_block_types=tuple(up),
                 mid_block_type="UNetMidBlock2DSimpleCrossAttn", cross_attention_dim=config.cross_attention_dim,
@@ -134,6 +162,8 @@ def unet_kwargs(config: DecoderConfig) -> dict:
 
 class Decoder(nn.Module):
     """(x_t, t, image_emb, text_tokens, mask) -> eps or v prediction [B, 3, S, S]."""
+
+    _no_split_modules = ["ResnetBlock2D"]  # the UNet's blocks: FSDP's TRANSFORMER_BASED_WRAP units
 
     def __init__(self, config: DecoderConfig):
         super().__init__()
@@ -192,7 +222,8 @@ class Decoder(nn.Module):
     def forward(self, x_t, t, image_emb, text_tokens, mask, force_drop_image=None, force_drop_text=None):
         """x_t [B, 3, S, S], t [B] or scalar, image_emb [B, D], text_tokens [B, L, W], mask [B, L] -> [B, 3, S, S].
 
-        text_tokens are CLIP's token states [B, L, W], or token ids [B, L] for text_encoder="transformer".
+        text_tokens are what `decoder_text` gives: CLIP's token states [B, L, W] ([B, L, 2W] for
+        text_encoder="clip+input"), or token ids [B, L] for text_encoder="transformer".
         text_tokens=None (and mask=None) means no caption: the learned null text, as when the text is dropped.
         """
         self._check(x_t, image_emb)
@@ -205,6 +236,8 @@ class Decoder(nn.Module):
         context, context_mask, time_offset = self.text_proj(image_emb, text_tokens, mask, force_drop_image,
                                                             force_drop_text)
         t = torch.as_tensor(t, device=x_t.device).reshape(-1).expand(x_t.shape[0])  # [B]
+        if self.config.position_channels:
+            x_t = torch.cat([x_t, position_channels(x_t)], dim=1)             # [B, 3, S, S] -> [B, 5, S, S]
         # class_embed_type="identity": emb = time_embedding(t) + time_offset. Karlo passes the context mask
         # as `attention_mask` for SimpleCrossAttn blocks (image tokens pass unmasked).
         return self.unet(x_t, t, encoder_hidden_states=context, class_labels=time_offset,
@@ -214,6 +247,30 @@ class Decoder(nn.Module):
         """Write a `decoder/` component folder (config, safetensors weights, scheduler_config.json)."""
         save_component(folder, "decoder", self.config, self.state_dict(), scheduler_config=noise_schedule(self.config),
                        dtype=dtype)
+
+    @torch.no_grad()
+    def warm_start(self, folder: str | os.PathLike) -> "Decoder":
+        """Start from the weights of the decoder in `folder` (the same network; training-only fields such as
+        the drop rates and the loss weighting may differ, and position channels may be added).
+
+        Where this decoder has position channels and that one has none, conv_in's two extra input channels
+        start at zero, so the model computes what the other did until training gives them weight.
+        """
+        other = Decoder.load(folder)
+        free = {"position_channels", "min_snr_gamma", "image_drop_prob", "text_drop_prob"}
+        fields = {k: v for k, v in dataclasses.asdict(other.config).items() if k not in free}
+        mine = {k: v for k, v in dataclasses.asdict(self.config).items() if k not in free}
+        if fields != mine:
+            changed = sorted(k for k in mine if mine[k] != fields.get(k))
+            raise ValueError(f"cannot start from {folder}: its decoder config differs in {', '.join(changed)}")
+        state = other.state_dict()
+        key = "unet.conv_in.weight"
+        extra = self.unet.conv_in.weight.shape[1] - state[key].shape[1]   # [O, I, k, k]: input channels differ
+        if extra > 0:
+            state[key] = torch.cat([state[key], state[key].new_zeros(state[key].shape[0], extra,
+                                                                     *state[key].shape[2:])], dim=1)
+        load_weights_into(self, state, str(folder))
+        return self
 
     @classmethod
     def load(cls, folder: str | os.PathLike) -> "Decoder":

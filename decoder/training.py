@@ -27,7 +27,7 @@ from unclip.training import Hooks, TrainConfig, collate, split_heldout, train
 
 from .config import DecoderConfig, UpsamplerConfig, decoder_preset, upsampler_preset
 from .loss import decoder_loss, upsampler_loss
-from .model import Decoder
+from .model import Decoder, decoder_text
 from .sample import sample_decoder, upsample
 from .upsampler import Upsampler, downsample
 
@@ -63,7 +63,8 @@ class WithSkipped(IterableDataset):
 class DecoderDataset(Dataset):
     """Items for decoder_loss: the image at the decoder's size, its image_emb, its caption's tokens and mask.
 
-    text["text_tokens"] holds CLIP's token states [U, L, W] (fp16), or token ids [U, L] for a decoder with its
+    text["text_tokens"] holds CLIP's token states [U, L, W] ([U, L, 2W] for "clip+input"; fp16), or token ids
+    [U, L] for a decoder with its
     own text transformer.
     """
 
@@ -83,22 +84,19 @@ class DecoderDataset(Dataset):
                 "mask": self.text["mask"][caption]}
 
 
-def encode_batch(clip: ClipEncoder, batch: dict, image_size: int, text_ids: bool = False) -> dict:
+def encode_batch(clip: ClipEncoder, batch: dict, config: DecoderConfig) -> dict:
     """A collated {"image" [B, 3, H, H], "caption": B strings, ...} -> decoder_loss's batch, like DecoderDataset.
 
     The frozen CLIP encodes on the images' device in fp32 (autocast off, as when encoding once): image_emb
-    [B, D] from the images, text_tokens [B, L, W] and mask [B, L] from the captions, or token ids [B, L] for a
-    decoder with its own text transformer (`text_ids`). The image is downsampled to `image_size`; other
-    entries (the loop's per-sample random draws) pass through.
+    [B, D] from the images, text_tokens and mask [B, L] from the captions (`decoder_text`: CLIP's token states,
+    or token ids for a decoder with its own text transformer). The image is downsampled to the decoder's size;
+    other entries (the loop's per-sample random draws) pass through.
     """
     image, captions = batch["image"], list(batch["caption"])
     with torch.autocast(image.device.type, enabled=False):
         image_emb = clip.encode_image(image)                                       # [B, 3, H, H] -> [B, D]
-        x_0 = downsample(image, image_size)                                        # [B, 3, S, S]
-        if text_ids:
-            tokens, mask = clip.token_ids(captions)                                # [B, L], [B, L]
-        else:
-            _, tokens, mask = clip.encode_text(captions)                           # [B, L, W], [B, L]
+        x_0 = downsample(image, config.image_size)                                 # [B, 3, S, S]
+        tokens, mask = decoder_text(clip, config, captions)                        # [B, L, W] or [B, L], [B, L]
     # clone: inference-mode tensors cannot be saved for the decoder's backward
     return {**batch, "image": x_0, "image_emb": image_emb.clone(),
             "text_tokens": tokens.clone(), "mask": mask.clone()}
@@ -109,7 +107,7 @@ def clip_encoded(clip: ClipEncoder, config: DecoderConfig, loss_fn=decoder_loss)
     def encoded_loss(model, batch: dict):
         if clip.device != batch["image"].device:
             clip.to(batch["image"].device)
-        return loss_fn(model, encode_batch(clip, batch, config.image_size, config.text_encoder == "transformer"))
+        return loss_fn(model, encode_batch(clip, batch, config))
 
     return encoded_loss
 
@@ -120,10 +118,13 @@ def clip_encoded(clip: ClipEncoder, config: DecoderConfig, loss_fn=decoder_loss)
 def make_decoder_config(clip: ClipEncoder, preset: str = "tiny", config: DecoderConfig | None = None) -> DecoderConfig:
     """The preset (or config) with D, W and L from the CLIP; non-zero values that disagree with it raise.
 
-    A decoder with its own text transformer also takes the tokenizer's vocabulary size, and W only by default.
+    A decoder with its own text transformer also takes the tokenizer's vocabulary size, and W only by default;
+    "clip+input" reads 2W channels (CLIP's final states and input embeddings).
     """
     config = config if config is not None else decoder_preset(preset)
     dims = dict(embed_dim=clip.embed_dim, text_width=clip.text_width, context_length=clip.context_length)
+    if config.text_encoder == "clip+input":
+        dims.update(text_width=2 * clip.text_width)
     if config.text_encoder == "transformer":
         dims.update(text_width=config.text_width or clip.text_width, text_vocab_size=clip.vocab_size)
     wrong = {k: (getattr(config, k), v) for k, v in dims.items() if getattr(config, k) not in (0, v)}
@@ -198,8 +199,10 @@ def encode_pairs(clip: ClipEncoder, source, progress: bool) -> tuple[Dataset, to
 def encoded_once(clip: ClipEncoder, config: DecoderConfig, source, heldout: int, seed: int, progress: bool):
     """Map-style data: (train set, held-out items for the grids, info, samples left out as unreadable)."""
     source, image_emb, text, skipped = encode_pairs(clip, source, progress)
-    if config.text_encoder == "transformer":  # the decoder's own text transformer reads token ids [U, L]
-        text = {**text, "text_tokens": clip.tokenize(text["captions"], warn=False)}
+    if config.text_encoder != "clip":  # token ids [U, L], or CLIP's states with its input embeddings [U, L, 2W]
+        tokens, _ = decoder_text(clip, config, text["captions"])
+        text = {**text, "text_tokens": tokens.to(text["text_tokens"].dtype) if tokens.is_floating_point()
+                else tokens}
     train_rows, heldout_rows = split_heldout(len(image_emb), heldout, seed)
     shown_rows = heldout_rows if len(heldout_rows) else train_rows[:4]
     shown = torch.utils.data.default_collate(
@@ -218,20 +221,21 @@ def streamed(clip: ClipEncoder, config: DecoderConfig, stream: IterableDataset, 
     if not first:
         raise ValueError("no readable image-caption pairs in the data (the stream's first samples could not be "
                          "read, or it is empty)")
-    batch = encode_batch(clip, collate(first), config.image_size, config.text_encoder == "transformer")
+    batch = encode_batch(clip, collate(first), config)
     batch = {k: batch[k] for k in ("image", "image_emb", "text_tokens", "mask")}
     return WithSkipped(stream), batch, {"train_samples": None, "heldout_samples": 0, "streamed": True}
 
 
 def train_decoder(model_dir: str | os.PathLike, data, *, train_config: TrainConfig, preset: str = "tiny",
                   config: DecoderConfig | None = None, run_dir=None, resume: bool = False, heldout: int = 8,
-                  sample_steps: int = 25, progress: bool = True) -> Decoder:
+                  sample_steps: int = 25, progress: bool = True, init_from=None) -> Decoder:
     """Train MODEL_DIR/decoder on image-caption pairs (a folder, shards, or a data set of {"image", "caption"}).
 
     The frozen MODEL_DIR/clip encodes every image and unique caption of a map-style data set once, keeping up
     to `heldout` pairs out for the sample grids; streamed shards (an IterableDataset) are encoded batch by batch
     in the loss, and their first 4 items make the grids. The EMA weights are exported to MODEL_DIR/decoder.
-    Returns the EMA model.
+    `init_from`: a decoder folder to start from (fine-tuning; `Decoder.warm_start`), instead of a fresh
+    initialisation. Returns the EMA model.
     """
     model_dir = Path(model_dir)
     run_dir = Path(run_dir) if run_dir is not None else model_dir / "runs" / "decoder"
@@ -246,9 +250,11 @@ def train_decoder(model_dir: str | os.PathLike, data, *, train_config: TrainConf
     else:
         train_set, shown, counts, skipped = encoded_once(clip, config, source, heldout, train_config.seed, progress)
         loss_fn = decoder_loss
-    info = {"decoder": config_to_dict(config), "data": None if isinstance(data, Dataset) else str(data), **counts}
+    info = {"decoder": config_to_dict(config), "data": None if isinstance(data, Dataset) else str(data), **counts,
+            "init_from": None if init_from is None else str(init_from)}
     torch.manual_seed(train_config.seed)  # a seeded initialisation: torch seeds each process at random
-    return train(Decoder(config), loss_fn, train_set, run_dir, train_config,
+    model = Decoder(config) if init_from is None else Decoder(config).warm_start(init_from)
+    return train(model, loss_fn, train_set, run_dir, train_config,
                  hooks=decoder_hooks(model_dir, shown, sample_steps), resume=resume, extra_info=info,
                  progress=progress, skipped=skipped)
 

@@ -18,7 +18,7 @@ import torch
 
 from safetensors.torch import load_file
 
-from decoder.model import Decoder
+from decoder.model import Decoder, decoder_text
 from decoder.sample import sample_decoder
 from unclip.clip import ClipEncoder
 from unclip.data.datasets import ImageTextFolder
@@ -41,10 +41,7 @@ def score(decoder: Decoder, test: ImageTextFolder, rows: list[int], clip: ClipEn
     captions = [test.captions[i] for i in rows]
     real = torch.stack([test[i]["image"] for i in rows])
     image_emb = clip.encode_image(real)
-    if decoder.config.text_encoder == "transformer":  # the decoder's own text transformer reads token ids
-        tokens, mask = clip.token_ids(captions)
-    else:
-        _, tokens, mask = clip.encode_text(captions)
+    tokens, mask = decoder_text(clip, decoder.config, captions)
     generator = torch.Generator().manual_seed(0)
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
         images = torch.cat([sample_decoder(decoder, image_emb[i:i + chunk], tokens[i:i + chunk], mask[i:i + chunk],

@@ -122,3 +122,22 @@ def test_train_clip_command(shapes_dir, tmp_path):
     bad = runner.invoke(cli.main, ["train", "clip", "--data", str(shapes_dir / "train"), "--out", str(out),
                                    "--preset", "huge"])
     assert bad.exit_code != 0 and "unknown CLIP preset" in bad.output and "Traceback" not in bad.output
+
+
+def test_text_states_with_input_embeddings(tiny_clip):
+    """with_input appends the layer-normalised input embeddings: the final states are unchanged, and two
+    captions that differ in one word differ there at that word, whatever the final states do."""
+    prompts = ["a red circle on the left", "a red circle on the right"]
+    emb, final, mask = tiny_clip.encode_text(prompts)
+    emb2, both, mask2 = tiny_clip.encode_text(prompts, with_input=True)
+    W = final.shape[-1]
+    assert both.shape == (2, final.shape[1], 2 * W)
+    torch.testing.assert_close(both[..., :W], final)
+    torch.testing.assert_close(emb2, emb)
+    assert torch.equal(mask2, mask)
+    ids, _ = tiny_clip.token_ids(prompts)
+    word = int((ids[0] != ids[1]).nonzero()[0])  # "left" / "right"
+    inputs = both[..., W:]
+    assert torch.allclose(inputs[0, :word], inputs[1, :word], atol=1e-6)  # the same words before it
+    assert (inputs[0, word] - inputs[1, word]).abs().max() > 0.1
+    torch.testing.assert_close(inputs.mean(-1), torch.zeros_like(inputs.mean(-1)), atol=1e-5, rtol=0)  # normalised

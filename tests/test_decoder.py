@@ -380,6 +380,53 @@ def test_train_transformer_decoder_then_generate(model_dir):
     assert [image.size for image in out.images] == [(16, 16)] * 2 and out.base.shape == (2, 3, 8, 8)
 
 
+def test_position_channels_are_pixel_centres():
+    from decoder.model import position_channels
+    grid = position_channels(torch.zeros(2, 3, 4, 8))
+    assert grid.shape == (2, 2, 4, 8)
+    assert torch.allclose(grid[0, 0, 0], (torch.arange(8) + 0.5) / 8 * 2 - 1)      # x grows to the right
+    assert torch.allclose(grid[0, 1, :, 0], (torch.arange(4) + 0.5) / 4 * 2 - 1)   # y grows downwards
+    assert torch.equal(grid[0, 0, 0], grid[0, 0, 3]) and torch.equal(grid[0], grid[1])
+
+
+def test_warm_start_adds_position_channels_without_changing_the_output(tmp_path):
+    torch.manual_seed(0)
+    source = perturbed(Decoder(tiny_decoder_config())).eval()
+    source.save(tmp_path / "decoder")
+    model = Decoder(tiny_decoder_config(position_channels=True)).warm_start(tmp_path / "decoder").eval()
+    assert model.unet.conv_in.weight.shape[1] == 5
+    x, t = torch.randn(B, 3, S, S), torch.full((B,), 500)
+    torch.testing.assert_close(model(x, t, **cond()), source(x, t, **cond()), rtol=0, atol=0)
+    model.train()
+    loss, _ = decoder_loss(model, {"image": torch.rand(B, 3, S, S) * 2 - 1, **cond()})
+    loss.backward()
+    assert model.unet.conv_in.weight.grad[:, 3:].abs().sum() > 0  # the coordinates get weight from training
+    with pytest.raises(ValueError, match="differs in layers_per_block"):
+        Decoder(tiny_decoder_config(layers_per_block=2)).warm_start(tmp_path / "decoder")
+
+
+def test_train_clip_input_decoder_then_generate(model_dir):
+    """text_encoder="clip+input": trained on (and generating from) CLIP's final states with its input embeddings."""
+    from conftest import make_tiny_pipeline
+    from decoder.model import decoder_text
+    from unclip.clip import ClipEncoder
+    from unclip.pipeline import UnCLIPPipeline
+
+    config = tiny_decoder_config(image_size=8, embed_dim=0, text_width=0, context_length=0, text_encoder="clip+input")
+    train_config = TrainConfig(steps=2, batch_size=4, warmup_steps=1, checkpoint_every=2)
+    train_decoder(model_dir, Pairs(8, 32), train_config=train_config, config=config, heldout=2, sample_steps=1,
+                  progress=False)
+    clip, decoder = ClipEncoder.load(model_dir / "clip"), Decoder.load(model_dir / "decoder")
+    assert decoder.config.text_width == 2 * clip.text_width
+    tokens, mask = decoder_text(clip, decoder.config, ["a red circle", "a blue square"])
+    assert tokens.shape == (2, clip.context_length, 2 * clip.text_width) and mask.shape == (2, clip.context_length)
+    tiny = make_tiny_pipeline()
+    pipe = UnCLIPPipeline(clip, tiny.prior, decoder, tiny.upsamplers)
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe.generate(["a red circle", "a blue square"], seed=0, prior_steps=2, decoder_steps=2, upsampler_steps=2)
+    assert [image.size for image in out.images] == [(16, 16)] * 2 and out.base.shape == (2, 3, 8, 8)
+
+
 def test_train_upsampler(model_dir):
     train_config = TrainConfig(steps=1, batch_size=2, warmup_steps=1, checkpoint_every=1)
     train_upsampler(model_dir, Pairs(4, S), size=S, train_config=train_config, config=tiny_upsampler_config(),
@@ -411,6 +458,11 @@ def test_cli_train_decoder_and_upsampler(model_dir, tmp_path):
                                   "--run-dir", str(tmp_path / "run-glide")])
     assert result.exit_code == 0, result.output
     assert Decoder.load(model_dir / "decoder").text_encoder is not None
+    result = runner.invoke(main, ["train", "decoder", *common, "--text-encoder", "transformer", "--position-channels",
+                                  "--init-from",
+                                  str(model_dir / "decoder"), "--run-dir", str(tmp_path / "run-coords")])
+    assert result.exit_code == 0, result.output
+    assert Decoder.load(model_dir / "decoder").config.position_channels
     result = runner.invoke(main, ["train", "upsampler", *common, "--size", "64", "--aug-max", "0.2"])
     assert result.exit_code == 0, result.output
     assert (model_dir / "upsampler_64" / "model.safetensors").is_file()
@@ -475,7 +527,7 @@ def test_train_upsampler_streams_shards_and_counts_skipped_samples(model_dir, tm
                         run_dir=tmp_path / "empty", progress=False)
 
 
-@pytest.mark.parametrize("text_encoder", ["clip", "transformer"])
+@pytest.mark.parametrize("text_encoder", ["clip", "clip+input", "transformer"])
 def test_streamed_batches_match_the_encode_once_path(tiny_clip, tmp_path, text_encoder):
     """What the loss sees from a streamed batch equals the encode-once items of the same samples."""
     items = list(ShardDataset(write_shard_files(tmp_path, 6, 3), image_size=32))
@@ -483,7 +535,7 @@ def test_streamed_batches_match_the_encode_once_path(tiny_clip, tmp_path, text_e
         tiny_decoder_config(text_encoder=text_encoder), text_width=0, text_vocab_size=0))
     once_set, _, _, skipped = encoded_once(tiny_clip, config, items, heldout=0, seed=0, progress=False)
     once = collate([once_set[i] for i in range(len(once_set))])
-    fly = encode_batch(tiny_clip, collate(items), S, text_ids=text_encoder == "transformer")
+    fly = encode_batch(tiny_clip, collate(items), config)
     assert skipped == 0 and once["image"].shape == fly["image"].shape == (6, 3, S, S)
     assert (once["image"] - fly["image"]).abs().max() <= 1e-6
     assert (once["image_emb"] - fly["image_emb"]).abs().max() <= 1e-5
@@ -493,7 +545,8 @@ def test_streamed_batches_match_the_encode_once_path(tiny_clip, tmp_path, text_e
     else:  # encode-once stores token states in fp16 to save memory; at full precision they agree to 1e-5
         full = encode_captions(tiny_clip, [item["caption"] for item in items], progress=False,
                                token_dtype=torch.float32)
-        assert (full["text_tokens"][full["index"]] - fly["text_tokens"]).abs().max() <= 1e-5
+        assert fly["text_tokens"].shape[-1] == {"clip": W, "clip+input": 2 * W}[text_encoder]
+        assert (full["text_tokens"][full["index"]] - fly["text_tokens"][..., :W]).abs().max() <= 1e-5
         torch.testing.assert_close(once["text_tokens"], fly["text_tokens"], atol=1e-5, rtol=1e-3)
     model = Decoder(config).train()
     losses = [decoder_loss(model, {**batch, RANDOM_KEY: SampleRandom.at_positions(0, 0, 6)})[0]

@@ -120,6 +120,9 @@ class ClipEncoder(torch.nn.Module):
         self.config = config
         self.model = model
         self.tokenizer = tokenizer
+        # FSDP's TRANSFORMER_BASED_WRAP units: open_clip's transformer blocks, where the towers have them
+        has_blocks = any(type(m).__name__ == "ResidualAttentionBlock" for m in model.modules())
+        self._no_split_modules = ["ResidualAttentionBlock"] if has_blocks else []
 
     # ---- construction
 
@@ -249,15 +252,23 @@ class ClipEncoder(torch.nn.Module):
 
     # ---- encoders (differentiable; the public encode_* wrap them without gradients)
 
-    def text_forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Token ids [B, L] -> (pooled projection [B, D] unnormalised, final token states [B, L, W])."""
+    def text_forward(self, tokens: torch.Tensor, with_input: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids [B, L] -> (pooled projection [B, D] unnormalised, final token states [B, L, W]).
+
+        with_input: the states are [final states, the transformer's layer-normalised input] [B, L, 2W]. The
+        input (token + position embeddings) keeps each word's identity, which a small contrastive CLIP's final
+        states lose for words its image tower barely sees (a tiny CLIP's "left" and "right" states have cosine
+        0.88 there, 0.22 at the input: docs/MODELS.md).
+        """
         m = self.model
-        x = m.token_embedding(tokens) + m.positional_embedding  # [B, L, W]
-        x = m.transformer(x, attn_mask=m.attn_mask)
+        x_in = m.token_embedding(tokens) + m.positional_embedding  # [B, L, W]
+        x = m.transformer(x_in, attn_mask=m.attn_mask)
         x = m.ln_final(x)                                         # [B, L, W]
         pooled = x[torch.arange(x.shape[0], device=x.device), tokens.argmax(dim=-1)]  # <eot> state [B, W]
         proj = m.text_projection
         pooled = proj(pooled) if isinstance(proj, torch.nn.Linear) else pooled @ proj  # [B, D]
+        if with_input:
+            x = torch.cat([x, F.layer_norm(x_in, x_in.shape[-1:])], dim=-1)  # [B, L, W] -> [B, L, 2W]
         return pooled, x
 
     def image_forward(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -270,12 +281,15 @@ class ClipEncoder(torch.nn.Module):
         return tokens, tokens != 0
 
     @torch.inference_mode()
-    def encode_text(self, prompts: Sequence[str] | str, batch_size: int = 256):
-        """Prompts -> text_emb [B, D] (l2-normalised), text_tokens [B, L, W], mask [B, L] (True = real token)."""
+    def encode_text(self, prompts: Sequence[str] | str, batch_size: int = 256, with_input: bool = False):
+        """Prompts -> text_emb [B, D] (l2-normalised), text_tokens [B, L, W], mask [B, L] (True = real token).
+
+        with_input: text_tokens are [B, L, 2W], the final states and the input embeddings (`text_forward`).
+        """
         tokens, mask = self.token_ids(prompts, warn=True)
         embs, states = [], []
         for chunk in tokens.split(batch_size):
-            pooled, x = self.text_forward(chunk)
+            pooled, x = self.text_forward(chunk, with_input)
             embs.append(F.normalize(pooled.float(), dim=-1))
             states.append(x.float())
         return torch.cat(embs), torch.cat(states), mask

@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from decoder.config import noise_schedule
-from decoder.model import Decoder
+from decoder.model import Decoder, decoder_text
 from decoder.sample import sample_decoder, upsample
 from decoder.upsampler import Upsampler
 from prior.model import DiffusionPrior
@@ -173,13 +173,14 @@ class UnCLIPPipeline:
         return self.clip.encode_text(prompts)
 
     def decoder_text(self, prompts: str | Sequence[str], text=None):
-        """What the decoder reads of the prompts: encode_text's (text_emb, text_tokens, mask), with token ids
-        [B, L] in place of the token states for a decoder with its own text transformer."""
+        """What the decoder reads of the prompts: encode_text's (text_emb, text_tokens, mask), with the decoder's
+        own text_tokens (`decoder.model.decoder_text`: token ids, or states with CLIP's input embeddings) where
+        its text_encoder is not "clip"."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         text = text if text is not None else self.encode_text(prompts)
-        if getattr(self.decoder.config, "text_encoder", "clip") != "transformer":
+        if getattr(self.decoder.config, "text_encoder", "clip") == "clip":
             return text
-        return (text[0], *self.clip.token_ids(prompts))  # ids [B, L], mask [B, L]
+        return (text[0], *decoder_text(self.clip, self.decoder.config, prompts))  # ids or [B, L, 2W] states
 
     def encode_image(self, images) -> torch.Tensor:
         """Paths, PIL images or a [B, 3, H, W] tensor in [-1, 1] -> image_emb [B, D] (unit length)."""
