@@ -137,8 +137,8 @@ def position_channels(x: torch.Tensor) -> torch.Tensor:
     """[B, C, H, W] -> [B, 2, H, W]: each pixel's (x, y) centre in [-1, 1] (CoordConv, Liu et al. 2018).
 
     "We show that convolution lacks the ability to map coordinates to positions; CoordConv gives it access to
-    its own input coordinates through extra channels." Without them this decoder drew "on the left" objects
-    on the left half half of the time, true image embedding or not (docs/MODELS.md).
+    its own input coordinates through extra channels." The shapes decoder without them put "on the left"
+    objects on the left half only half of the time (docs/MODELS.md).
     """
     B, _, H, W = x.shape
     ys = (torch.arange(H, device=x.device, dtype=x.dtype) + 0.5) / H * 2 - 1  # [H]
@@ -151,7 +151,7 @@ def unet_kwargs(config: DecoderConfig) -> dict:
     """UNet2DConditionModel arguments: GLIDE/Karlo-style blocks; class_labels add to the time embedding."""
     down = ["SimpleCrossAttnDownBlock2D" if a else "ResnetDownsampleBlock2D" for a in config.attention_levels]
     up = ["SimpleCrossAttnUpBlock2D" if a else "ResnetUpsampleBlock2D" for a in reversed(config.attention_levels)]
-    in_channels = config.in_channels + (2 if getattr(config, "position_channels", False) else 0)
+    in_channels = config.in_channels + (2 if config.position_channels else 0)
     return dict(sample_size=config.image_size, in_channels=in_channels, out_channels=config.out_channels,
                 block_out_channels=tuple(config.block_out_channels), layers_per_block=config.layers_per_block,
                 down_block_types=tuple(down), up_block_types=tuple(up),

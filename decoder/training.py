@@ -64,8 +64,7 @@ class DecoderDataset(Dataset):
     """Items for decoder_loss: the image at the decoder's size, its image_emb, its caption's tokens and mask.
 
     text["text_tokens"] holds CLIP's token states [U, L, W] ([U, L, 2W] for "clip+input"; fp16), or token ids
-    [U, L] for a decoder with its
-    own text transformer.
+    [U, L] for a decoder with its own text transformer.
     """
 
     def __init__(self, source, rows: torch.Tensor, image_emb: torch.Tensor, text: dict, image_size: int):
@@ -183,7 +182,8 @@ def upsampler_hooks(model_dir: Path, folder: str, images: torch.Tensor, sample_s
 # ---------------------------------------------------------------- entry points
 
 
-def encode_pairs(clip: ClipEncoder, source, progress: bool) -> tuple[Dataset, torch.Tensor, dict, int]:
+def encode_pairs(clip: ClipEncoder, source, progress: bool,
+                 with_input: bool = False) -> tuple[Dataset, torch.Tensor, dict, int]:
     """(the readable samples of source, their image_emb [N, D], encode_captions' per-unique-caption text
     encodings, how many samples were left out as unreadable)."""
     image_emb, kept = encode_readable_images(clip, source, progress=progress)
@@ -193,16 +193,14 @@ def encode_pairs(clip: ClipEncoder, source, progress: bool) -> tuple[Dataset, to
     captions = [captions[i] for i in kept] if captions is not None else [source[i]["caption"] for i in kept]
     skipped = len(source) - len(kept)
     source = Subset(source, kept) if skipped else source
-    return source, image_emb, encode_captions(clip, captions, progress=progress), skipped
+    return source, image_emb, encode_captions(clip, captions, progress=progress, with_input=with_input), skipped
 
 
 def encoded_once(clip: ClipEncoder, config: DecoderConfig, source, heldout: int, seed: int, progress: bool):
     """Map-style data: (train set, held-out items for the grids, info, samples left out as unreadable)."""
-    source, image_emb, text, skipped = encode_pairs(clip, source, progress)
-    if config.text_encoder != "clip":  # token ids [U, L], or CLIP's states with its input embeddings [U, L, 2W]
-        tokens, _ = decoder_text(clip, config, text["captions"])
-        text = {**text, "text_tokens": tokens.to(text["text_tokens"].dtype) if tokens.is_floating_point()
-                else tokens}
+    source, image_emb, text, skipped = encode_pairs(clip, source, progress, config.text_encoder == "clip+input")
+    if config.text_encoder == "transformer":  # the decoder's own text transformer reads token ids [U, L]
+        text = {**text, "text_tokens": clip.tokenize(text["captions"], warn=False)}
     train_rows, heldout_rows = split_heldout(len(image_emb), heldout, seed)
     shown_rows = heldout_rows if len(heldout_rows) else train_rows[:4]
     shown = torch.utils.data.default_collate(

@@ -60,17 +60,18 @@ def encode_images(clip, dataset: Dataset, batch_size: int = 256, progress: bool 
 
 @torch.inference_mode()
 def encode_captions(clip, captions: Sequence[str], batch_size: int = 256, progress: bool = True,
-                    token_dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
+                    token_dtype: torch.dtype = torch.float16, with_input: bool = False) -> dict[str, torch.Tensor]:
     """Encode each unique caption once.
 
-    Returns text_emb [U, D], text_tokens [U, L, W] (in `token_dtype` to save memory), mask [U, L] for the U
-    unique captions, and `index` [N] mapping each input caption to its row.
+    Returns text_emb [U, D], text_tokens [U, L, W] (in `token_dtype` to save memory; [U, L, 2W] `with_input`,
+    see ClipEncoder.text_forward), mask [U, L] for the U unique captions, and `index` [N] mapping each input
+    caption to its row.
     """
     unique = sorted(set(captions))
     row = {caption: i for i, caption in enumerate(unique)}
     embs, tokens, masks = [], [], []
     for start in tqdm(range(0, len(unique), batch_size), desc="CLIP text", disable=not progress):
-        emb, tok, mask = clip.encode_text(unique[start:start + batch_size])
+        emb, tok, mask = clip.encode_text(unique[start:start + batch_size], with_input=with_input)
         embs.append(emb.cpu())
         tokens.append(tok.to(token_dtype).cpu())
         masks.append(mask.cpu())
