@@ -208,9 +208,15 @@ def data_shards(data_dir, out, shard_size):
               help="CLIP architecture: tiny-32, tiny-64 or small-64 (unclip.clip.CLIP_PRESETS).")
 @click.option("--heldout", type=click.FloatRange(0, 0.5), default=0.05, show_default=True,
               help="Fraction of pairs held out for the retrieval metric (at most 1,000).")
+@click.option("--negative-swap", "negative_swaps", multiple=True, metavar="WORD,WORD",
+              help="Hard negatives: each caption with one of these words also brings its swapped twin as a "
+                   "negative for its image (repeat: --negative-swap left,right --negative-swap two,three).")
+@click.option("--mirror-swap", "mirror_swaps", multiple=True, metavar="AXIS:WORD,WORD",
+              help="Mirrored pairs: a picture whose caption has one of the words also trains mirrored along AXIS "
+                   "(horizontal or vertical) with the words swapped (--mirror-swap horizontal:left,right).")
 @train_options
 @friendly_errors
-def train_clip_cmd(data, out, preset, heldout, resume, run_dir, quiet, **kw):
+def train_clip_cmd(data, out, preset, heldout, negative_swaps, mirror_swaps, resume, run_dir, quiet, **kw):
     """Train a small CLIP from scratch (contrastive, open_clip's model).
 
     \b
@@ -218,9 +224,17 @@ def train_clip_cmd(data, out, preset, heldout, resume, run_dir, quiet, **kw):
     """
     from unclip.clip_training import train_clip
 
+    mirrors: dict[str, list] = {}
+    for text in mirror_swaps:
+        axis, _, words = text.partition(":")
+        if axis not in ("horizontal", "vertical"):
+            raise click.BadParameter(f"{text!r}: start with horizontal: or vertical:, like horizontal:left,right",
+                                     param_hint="--mirror-swap")
+        mirrors.setdefault(axis, []).append(_word_pair(words, "--mirror-swap"))
     config = make_train_config(kw, eval_every=kw["checkpoint_every"])
     metrics = train_clip(data, out, config, preset=preset, run_dir=run_dir, resume=resume,
-                         heldout_fraction=heldout, progress=not quiet)
+                         heldout_fraction=heldout, progress=not quiet, mirror_swaps=mirrors,
+                         negative_swaps=[_word_pair(p, "--negative-swap") for p in negative_swaps])
     summary = ", ".join(f"{k} {v:.3f}" for k, v in metrics.items())
     click.echo(f"wrote {out}/clip" + (f" (held-out {summary})" if summary else ""))
 # CLIP-COMMANDS-END
@@ -229,6 +243,13 @@ def train_clip_cmd(data, out, preset, heldout, resume, run_dir, quiet, **kw):
 # PRIOR-COMMANDS-BEGIN
 PRIOR_PRESET_NAMES = ["tiny", "small", "base"]                       # prior.config.PRIOR_PRESETS (checked by a test)
 PRIOR_SAMPLERS = ["ddim", "ddpm", "dpm++", "dpm++sde", "euler", "unipc"]  # unclip.schedulers names (checked)
+
+
+def _word_pair(text: str, option: str) -> tuple[str, str]:
+    pair = tuple(text.split(","))
+    if len(pair) != 2 or not all(pair):
+        raise click.BadParameter(f"{text!r}: give two words joined by a comma, like left,right", param_hint=option)
+    return pair
 
 
 def _clip_folder(path: str):
@@ -482,6 +503,9 @@ def sampling_options(fn):
                      help="Decoder CFG scale (image embedding and text)."),
         click.option("--dynamic-threshold", type=click.FloatRange(0.5, 1.0, min_open=True), default=None,
                      help="Imagen's dynamic thresholding percentile for the decoder, e.g. 0.995."),
+        click.option("--image-candidates", type=click.IntRange(min=1, max=64), default=1, show_default=True,
+                     help="Decoder samples per image; keep the one the CLIP ranks closest to the prompt "
+                          "(k times the decoder's time)."),
         # Output
         click.option("-o", "--out", "out", type=click.Path(), default="outputs", show_default=True,
                      help="A .png file for one image, or a folder that receives 0000.png, 0001.png, ..."),
@@ -514,7 +538,8 @@ def pop_settings(kw: dict) -> dict:
     settings = dict(prior_sampler=sampler, decoder_sampler=sampler, upsampler_sampler=sampler,
                     prior_steps=kw.pop("steps_prior"), decoder_steps=kw.pop("steps_decoder"),
                     upsampler_steps=kw.pop("steps_upsampler"), prior_guidance=kw.pop("guidance_prior"),
-                    decoder_guidance=kw.pop("guidance_decoder"), dynamic_threshold=kw.pop("dynamic_threshold"))
+                    decoder_guidance=kw.pop("guidance_decoder"), dynamic_threshold=kw.pop("dynamic_threshold"),
+                    image_candidates=kw.pop("image_candidates"))
     for name in ("prior_guidance", "decoder_guidance"):
         if not math.isfinite(settings[name]):
             raise click.BadParameter(f"must be a finite number, got {settings[name]}",
@@ -740,8 +765,10 @@ def info(model):
               help="Write (or replace) this model's section in a Markdown report, e.g. docs/MODELS.md.")
 @click.option("--name", default=None, help="Section title [default: the model name].")
 @click.option("--grid", type=click.Path(dir_okay=False), default=None, help="Write a sample grid PNG.")
+@click.option("--image-candidates", type=click.IntRange(min=1, max=64), default=1, show_default=True,
+              help="Decoder samples per caption, reranked by the CLIP (as in `unclip generate`).")
 @friendly_errors
-def eval_model(model, test, train_data, n, seed, json_out, markdown, name, grid):
+def eval_model(model, test, train_data, n, seed, json_out, markdown, name, grid, image_candidates):
     """Quality report: prior cosines, CLIP R-precision, FD in CLIP space, shapes oracle.
 
     \b
@@ -752,7 +779,8 @@ def eval_model(model, test, train_data, n, seed, json_out, markdown, name, grid)
     from unclip.config import write_json
     from unclip.eval.report import evaluate_model, markdown as to_markdown, update_markdown
 
-    report = evaluate_model(model, test, train_data, n=n, seed=seed, grid=grid)
+    settings = {"image_candidates": image_candidates} if image_candidates > 1 else {}
+    report = evaluate_model(model, test, train_data, n=n, seed=seed, grid=grid, **settings)
     if json_out:
         write_json(json_out, report)
     if markdown:

@@ -26,10 +26,12 @@ def picture(tmp_path):
 
 def test_generate_png_provenance_and_from_png(tiny_model_dir, tmp_path):
     out = tmp_path / "a.png"
-    result = run("generate", "a red circle", "--model", tiny_model_dir, "--seed", 7, "-o", out, *FAST)
+    result = run("generate", "a red circle", "--model", tiny_model_dir, "--seed", 7, "--image-candidates", 2,
+                 "-o", out, *FAST)
     assert result.exit_code == 0, result.output
     meta = json.loads(Image.open(out).text["unclip"])
     assert meta["prompt"] == "a red circle" and meta["seed"] == 7 and meta["settings"]["decoder_steps"] == 2
+    assert meta["settings"]["image_candidates"] == 2  # and --from-png reranks the same way
     again = tmp_path / "b.png"
     result = run("generate", "--from-png", out, "-o", again, "--quiet")
     assert result.exit_code == 0, result.output

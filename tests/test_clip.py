@@ -11,8 +11,9 @@ from PIL import Image
 import cli
 from conftest import SHAPES_WORDS, tiny_clip_config
 from unclip.clip import CLIP_PRESETS, ClipEncoder, WordTokenizer
-from unclip.clip_training import clip_loss_fn, train_clip
+from unclip.clip_training import _Tokenised, clip_loss_fn, swap_words, train_clip
 from unclip.data.shapes import build_shapes
+from unclip.images import pil_to_tensor
 from unclip.training import TrainConfig, read_metrics
 
 
@@ -88,6 +89,90 @@ def test_contrastive_steps_lower_the_loss(tiny_clip):
     assert float(loss) < first * 0.7
 
 
+def test_swap_words_swaps_whole_words_both_ways():
+    swaps = [("left", "right"), ("two", "three")]
+    assert swap_words("a red circle to the left of a blue square", swaps) == \
+        "a red circle to the right of a blue square"
+    assert swap_words("three red circles on the right", swaps) == "two red circles on the left"
+    assert swap_words("a lefty circle", swaps) == "a lefty circle"
+
+
+def _side_pairs():
+    """Squares on the left or right half; colour alone tells these four captions apart."""
+    sides = {"red": "left", "blue": "right", "green": "left", "yellow": "right"}
+    rgb = {"red": (220, 30, 30), "blue": (30, 70, 220), "green": (30, 160, 50), "yellow": (235, 200, 20)}
+    pairs = []
+    for color, side in sides.items():
+        image = Image.new("RGB", (16, 16), "white")
+        image.paste(rgb[color], (1 if side == "left" else 9, 5, 7 if side == "left" else 15, 11))
+        pairs.append({"image": pil_to_tensor(image)[0], "caption": f"a {color} square on the {side}"})
+    return pairs
+
+
+def test_hard_negative_targets_count_a_twin_that_describes_another_image():
+    torch.manual_seed(0)
+    clip = ClipEncoder.from_config(tiny_clip_config(), sorted(set(SHAPES_WORDS)))
+    captions = ["a red square on the left", "a red square on the right", "a blue circle"]
+    images = torch.randn(3, 3, 16, 16)
+    items = _Tokenised([{"image": im, "caption": c} for im, c in zip(images, captions)], clip, [("left", "right")])
+    batch = torch.utils.data.default_collate([items[i] for i in range(3)])
+    assert batch["negative"] == [captions[1], captions[0], ""]  # no twin for a caption without the words
+    loss = clip_loss_fn(clip, batch)[0]
+    # by hand: columns [3 captions, 2 twins]; twin 0 is caption 1 (a positive for image 1) and vice versa
+    image, text, scale = clip(batch["pixels"], torch.cat([batch["tokens"], batch["negative_tokens"][:2]]))
+    logits_image = scale * image @ text.T
+    targets = torch.tensor([[1, 0, 0, 0, 1], [0, 1, 0, 1, 0], [0, 0, 1, 0, 0]], dtype=torch.float)
+    expected = (torch.nn.functional.cross_entropy(logits_image, targets / targets.sum(1, keepdim=True))
+                + torch.nn.functional.cross_entropy(scale * text[:3] @ image.T, torch.eye(3))) / 2
+    assert torch.allclose(loss, expected, atol=1e-6)
+
+
+def test_mirror_pairs_join_the_batch_with_swapped_captions():
+    torch.manual_seed(0)
+    clip = ClipEncoder.from_config(tiny_clip_config(), sorted(set(SHAPES_WORDS)))
+    captions = ["a red square on the left", "a red square above a blue circle", "a blue circle"]
+    mirrors = {"horizontal": [("left", "right")], "vertical": [("above", "below")]}
+    items = _Tokenised([{"image": torch.randn(3, 16, 16), "caption": c} for c in captions], clip, (), mirrors)
+    batch = torch.utils.data.default_collate([items[i] for i in range(3)])
+    assert batch["mirror"] == ["a red square on the right", "a red square below a blue circle", ""]
+    assert torch.equal(batch["mirror_pixels"][0], batch["pixels"][0].flip(-1))   # left <-> right: mirrored in x
+    assert torch.equal(batch["mirror_pixels"][1], batch["pixels"][1].flip(-2))   # above <-> below: flipped in y
+    loss = clip_loss_fn(clip, batch)[0]
+    # by hand: an ordinary batch of 5 pairs, the two mirrors after the three originals
+    pixels = torch.cat([batch["pixels"], batch["mirror_pixels"][:2]])
+    image, text, scale = clip(pixels, torch.cat([batch["tokens"], batch["mirror_tokens"][:2]]))
+    eye = torch.eye(5)
+    expected = (torch.nn.functional.cross_entropy(scale * image @ text.T, eye)
+                + torch.nn.functional.cross_entropy(scale * text @ image.T, eye)) / 2
+    assert torch.allclose(loss, expected, atol=1e-6)
+    with pytest.raises(ValueError, match="axes"):
+        train_clip("unused", "unused", TrainConfig(steps=1), mirror_swaps={"diagonal": [("left", "right")]})
+
+
+def test_hard_negatives_teach_the_side_that_colour_alone_hides():
+    """Each colour appears on one side only, so a plain contrastive loss needs no side; with "left"/"right"
+    twins as negatives the CLIP must rank "on the left" above "on the right" for every image."""
+    def margins(negative_swaps):
+        torch.manual_seed(0)
+        clip = ClipEncoder.from_config(tiny_clip_config(), sorted(set(SHAPES_WORDS)))
+        items = _Tokenised(_side_pairs(), clip, negative_swaps)
+        batch = torch.utils.data.default_collate([items[i] for i in range(len(items))])
+        optimizer = torch.optim.AdamW(clip.parameters(), lr=1e-2)
+        for _ in range(100):
+            loss = clip_loss_fn(clip, batch)[0]
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        twins = clip.tokenize([swap_words(c, [("left", "right")]) for c in batch["caption"]])
+        with torch.no_grad():
+            image, text, _ = clip(batch["pixels"], batch["tokens"])
+            twin = clip(batch["pixels"], twins)[1]
+        return ((image * text).sum(-1) - (image * twin).sum(-1)).tolist()
+
+    without, with_twins = margins(()), margins([("left", "right")])
+    assert min(with_twins) > 0.3 and max(abs(m) for m in without) < 0.1  # measured: >= 0.54 and <= 0.001
+
+
 @pytest.fixture
 def shapes_dir(tmp_path):
     build_shapes(tmp_path / "shapes", n=120, seed=0, progress=False)
@@ -110,10 +195,13 @@ def test_train_clip_writes_component_and_retrieval_metrics(shapes_dir, tmp_path)
 def test_train_clip_command(shapes_dir, tmp_path):
     runner = CliRunner()
     out = tmp_path / "m"
-    args = ["train", "clip", "--data", str(shapes_dir / "train"), "--out", str(out), "--steps", "2",
+    swaps = ["--negative-swap", "two,three", "--mirror-swap", "horizontal:left,right"]
+    args = ["train", "clip", "--data", str(shapes_dir / "train"), "--out", str(out), *swaps, "--steps", "2",
             "--batch-size", "8", "--checkpoint-every", "1", "--quiet"]
     result = runner.invoke(cli.main, args)
     assert result.exit_code == 0, result.output
+    info = json.loads((out / "runs" / "clip" / "train_config.json").read_text())
+    assert info["negative_swaps"] == [["two", "three"]] and info["mirror_swaps"] == {"horizontal": [["left", "right"]]}
     assert (out / "clip" / "model.safetensors").is_file() and "wrote" in result.output
     again = runner.invoke(cli.main, args)  # the run folder holds checkpoints: refuse without --resume
     assert again.exit_code != 0 and "--resume" in again.output
@@ -122,6 +210,12 @@ def test_train_clip_command(shapes_dir, tmp_path):
     bad = runner.invoke(cli.main, ["train", "clip", "--data", str(shapes_dir / "train"), "--out", str(out),
                                    "--preset", "huge"])
     assert bad.exit_code != 0 and "unknown CLIP preset" in bad.output and "Traceback" not in bad.output
+    swap = runner.invoke(cli.main, ["train", "clip", "--data", str(shapes_dir / "train"), "--out", str(out),
+                                    "--negative-swap", "left"])
+    assert swap.exit_code != 0 and "left,right" in swap.output and "Traceback" not in swap.output
+    axis = runner.invoke(cli.main, ["train", "clip", "--data", str(shapes_dir / "train"), "--out", str(out),
+                                    "--mirror-swap", "sideways:left,right"])
+    assert axis.exit_code != 0 and "horizontal:" in axis.output and "Traceback" not in axis.output
 
 
 def test_text_states_with_input_embeddings(tiny_clip):

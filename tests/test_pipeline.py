@@ -161,6 +161,23 @@ def test_decoder_with_its_own_text_transformer(pipe, tmp_path):
         UnCLIPPipeline(pipe.clip, pipe.prior, wrong, pipe.upsamplers)
 
 
+def test_image_candidates_keep_the_one_clip_ranks_first(pipe):
+    prompts = ["a red circle", "two blue squares"]
+    one = pipe.generate(prompts, seed=0, **FAST)
+    best = pipe.generate(prompts, seed=0, image_candidates=4, **FAST)
+    assert best.base.shape == one.base.shape and best.latents["decoder"].shape == one.latents["decoder"].shape
+    text = pipe.encode_text(prompts)[0]
+    clip_score = lambda base: (pipe.clip.encode_image(base) * text).sum(-1)  # noqa: E731
+    # candidate 0 draws the noise that image_candidates=1 draws, so best-of-4 never ranks below the default
+    assert torch.all(clip_score(best.base) >= clip_score(one.base) - 1e-5)
+    assert not torch.equal(best.base, one.base)  # 4 random candidates: some other one won somewhere
+    # the kept noise reproduces the kept image with one candidate
+    again = pipe.generate(prompts, seed=0, image_emb=best.image_emb, latents=best.latents, **FAST)
+    assert np.array_equal(pixels(again.images), pixels(best.images))
+    with pytest.raises(ValueError, match="image candidates must be at least 1"):
+        pipe("a red circle", image_candidates=0)
+
+
 def test_bad_settings_fail_loudly(pipe):
     with pytest.raises(ValueError, match="unknown sampler"):
         pipe("a red circle", decoder_sampler="nope")

@@ -16,7 +16,7 @@ RECIPE = {
     "name": "tiny",
     "threads": 1,
     "data": {"builder": "shapes", "n": 80, "seed": 0},
-    "clip": {"preset": "tiny-32", "heldout": 0.1, "train": TINY_TRAIN},
+    "clip": {"preset": "tiny-32", "heldout": 0.1, "negative_swaps": [["left", "right"]], "train": TINY_TRAIN},
     "embeddings": {},
     "prior": {"preset": "tiny", "train": TINY_TRAIN},
     "decoder": {"preset": "tiny", "config": {"block_out_channels": [32, 32], "attention_levels": [False, True],
@@ -47,6 +47,8 @@ def test_recipe_runs_every_stage_resumes_and_reports(tiny_run, tmp_path):
     export = run / "export"
     index = json.loads((export / "model_index.json").read_text())
     assert set(index["components"]) == {"clip", "prior", "decoder", "upsampler_64"}
+    clip_info = json.loads((run / "runs" / "clip" / "train_config.json").read_text())
+    assert clip_info["negative_swaps"] == [["left", "right"]]
     again = runner.invoke(cli.main, ["train", "recipe", str(path), "--out", str(run), "--quiet"])
     assert again.exit_code == 0 and " ..." not in again.output  # every stage is done: nothing re-runs
 

@@ -51,11 +51,12 @@ class SamplingSettings:
     upsampler_sampler: str = "ddim"
     upsampler_steps: int = 10
     aug_level: float = 0.0                # noise-augmentation level given to the upsamplers
+    image_candidates: int = 1             # decoder samples per image; keep the one CLIP ranks closest to the text
 
     def __post_init__(self):
         for name in ("prior_sampler", "decoder_sampler", "upsampler_sampler"):
             make_scheduler(getattr(self, name))  # raises ValueError for unknown names
-        for name in ("prior_steps", "decoder_steps", "upsampler_steps", "candidates"):
+        for name in ("prior_steps", "decoder_steps", "upsampler_steps", "candidates", "image_candidates"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name.replace('_', ' ')} must be at least 1, got {getattr(self, name)}")
         for name in ("prior_guidance", "decoder_guidance", "text_guidance", "eta", "dynamic_threshold", "aug_level"):
@@ -213,21 +214,35 @@ class UnCLIPPipeline:
 
         `latents` maps "decoder" and "upsampler_<size>" to initial noise; missing ones are drawn from
         `seeds` (one per image) or `generator`.
+
+        With `settings.image_candidates` k > 1 (and no given decoder noise) the decoder draws k samples per image
+        and keeps the one whose CLIP image embedding is closest to the text embedding (to image_emb without
+        text): best-of-k reranking, k times the decoder's cost. `latents["decoder"]` is then the kept noise.
         """
         settings = SamplingSettings(**settings) if isinstance(settings, dict) else settings or SamplingSettings()
         latents = dict(latents or {})
         b = image_emb.shape[0]
         s = self.decoder.config.image_size
-        latents.setdefault("decoder", self._noise((3, s, s), b, seeds, generator, "decoder"))
+        k = 1 if "decoder" in latents else settings.image_candidates
+        noise = latents.get("decoder")
+        if noise is None:
+            noise = self._noise((k, 3, s, s), b, seeds, generator, "decoder").flatten(0, 1)  # [b * k, 3, s, s]
         tokens, mask = (text[1], text[2]) if text is not None else (None, None)
+        repeat = (lambda x: x.repeat_interleave(k, dim=0) if x is not None else None)  # noqa: E731
         with torch.inference_mode(), self._autocast():
-            base = sample_decoder(self.decoder, image_emb.to(self.device), tokens, mask,
+            base = sample_decoder(self.decoder, repeat(image_emb.to(self.device)), repeat(tokens), repeat(mask),
                                   scheduler=settings.decoder_sampler, num_steps=settings.decoder_steps,
                                   guidance_scale=settings.decoder_guidance, text_guidance_scale=settings.text_guidance,
                                   eta=settings.eta, dynamic_threshold=settings.dynamic_threshold,
-                                  generator=_step_generators(seeds, generator, "decoder"),
-                                  latents=latents["decoder"].to(self.device),
+                                  generator=_step_generators(seeds, generator, "decoder", k),
+                                  latents=noise.to(self.device),
                                   prior_free=prior_free, progress=self.progress)["images"].float()
+            if k > 1:
+                target = text[0] if text is not None else image_emb                     # [b, D]
+                score = (self.clip.encode_image(base).view(b, k, -1) * target.to(self.device)[:, None]).sum(-1)
+                best = score.argmax(dim=1) + torch.arange(b, device=score.device) * k   # [b] rows of the keepers
+                base, noise = base[best], noise[best.cpu()]
+            latents["decoder"] = noise
             x = base
             for up in self.upsamplers:
                 name = f"upsampler_{up.config.image_size}"

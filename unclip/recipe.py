@@ -22,7 +22,8 @@ from .config import config_from_dict, read_json, write_json
 from .training import TrainConfig
 
 STAGES = ("data", "clip", "embeddings", "prior", "decoder", "upsampler", "export")
-SECTION_KEYS = {"clip": {"preset", "heldout", "train"}, "embeddings": {"options"}, "prior": {"preset", "train"},
+SECTION_KEYS = {"clip": {"preset", "heldout", "negative_swaps", "mirror_swaps", "train"}, "embeddings": {"options"},
+                "prior": {"preset", "train"},
                 "decoder": {"preset", "config", "train"}, "upsampler": {"size", "preset", "config", "train"},
                 "export": {"path", "bundle"}}  # the "data" section passes its keys to the builder
 
@@ -133,7 +134,8 @@ def _clip(recipe: dict, out: Path, progress: bool) -> dict:
     section = recipe["clip"]
     return train_clip(_train_data(recipe, out), out / "model", _train_config(recipe, "clip"),
                       preset=section.get("preset", "tiny-32"), run_dir=out / "runs" / "clip", resume=True,
-                      heldout_fraction=section.get("heldout", 0.05), progress=progress)
+                      heldout_fraction=section.get("heldout", 0.05), progress=progress,
+                      negative_swaps=section.get("negative_swaps", ()), mirror_swaps=section.get("mirror_swaps"))
 
 
 def _embeddings(recipe: dict, out: Path, progress: bool) -> dict:
