@@ -144,14 +144,3 @@ def test_runs_with_different_precisions_share_one_process(tmp_path):
         train(torch.nn.Linear(1, 1), line_loss, LINE, run, TrainConfig(steps=1, batch_size=4, mixed_precision=precision,
                                                                         cpu=True), progress=False)
         assert json.loads((run / "train_config.json").read_text())["distributed"]["mixed_precision"] == precision
-
-
-def test_allocator_tuning_applies_on_glibc_and_can_be_turned_off(monkeypatch):
-    import platform
-
-    from unclip.allocator import keep_freed_memory
-
-    if platform.libc_ver()[0] == "glibc":
-        assert keep_freed_memory.__wrapped__() is True  # mallopt accepted every setting
-    monkeypatch.setenv("UNCLIP_KEEP_FREED_MEMORY", "0")
-    assert keep_freed_memory.__wrapped__() is False

@@ -8,10 +8,6 @@ from typing import Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from .allocator import keep_freed_memory
-
-keep_freed_memory()  # every sampling step reuses its buffers (unclip/allocator.py)
-
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 

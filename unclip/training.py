@@ -46,12 +46,9 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 from tqdm.auto import tqdm
 
-from .allocator import keep_freed_memory
 from .checkpoint import replace_dir
 from .config import config_to_dict, write_json
 from .precision import resolve_precision
-
-keep_freed_memory()  # every training step reuses its buffers (unclip/allocator.py)
 
 
 @dataclass
