@@ -222,12 +222,12 @@ def train_clip_cmd(data, out, preset, heldout, negative_swaps, mirror_swaps, res
     \b
     unclip train clip --data data/shapes/train --out models/shapes --preset tiny-32 --steps 3000
     """
-    from unclip.clip_training import train_clip
+    from unclip.clip_training import MIRROR_DIMS, train_clip
 
     mirrors: dict[str, list] = {}
     for text in mirror_swaps:
         axis, _, words = text.partition(":")
-        if axis not in ("horizontal", "vertical"):
+        if axis not in MIRROR_DIMS:
             raise click.BadParameter(f"{text!r}: start with horizontal: or vertical:, like horizontal:left,right",
                                      param_hint="--mirror-swap")
         mirrors.setdefault(axis, []).append(_word_pair(words, "--mirror-swap"))

@@ -119,8 +119,9 @@ class _Tokenised(torch.utils.data.Dataset):
         out = {"pixels": pixels, "tokens": tokens, "caption": item["caption"]}
         if self.swaps:  # "" when no word swaps: the loss skips it
             twin = swap_words(item["caption"], self.swaps)
-            out["negative"] = twin if twin != item["caption"] else ""
-            out["negative_tokens"] = self.clip.tokenize([twin], warn=False)[0]
+            changed = twin != item["caption"]
+            out["negative"] = twin if changed else ""
+            out["negative_tokens"] = self.clip.tokenize([twin], warn=False)[0] if changed else tokens
         if self.mirrors:  # the first axis whose words the caption uses; "" (and an unused copy) when none
             out["mirror"], out["mirror_pixels"], out["mirror_tokens"] = "", pixels, tokens
             for dim, swaps in self.mirrors:
