@@ -14,6 +14,9 @@ Levers (off unless named; the defaults are what a user gets):
     cache-text      memoise CLIP text encodings per prompt list (W4)
     one-candidate   one prior sample per prompt instead of the default 2 (W4; what diffusers' UnCLIPPipeline does)
     threads-1       torch.set_num_threads(1)
+    diffusers-attention   diffusers' AttnAddedKVProcessor2_0 in the decoder instead of decoder.attention's
+    per-step-condition    encode the condition at every sampling step (no prepare_condition: the prior runs
+                          its whole sequence, the decoder re-projects its context tokens)
 """
 
 from __future__ import annotations
@@ -30,11 +33,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))   # the reposito
 import common  # noqa: E402
 
 # Defaults that a lever turns off: "fp32" (unclip's precision "auto" is bf16 on CPUs with native bf16),
-# "bf16-attention" (attention stays fp32 under CPU autocast), "unbatched-cfg", "no-grad" (inference_mode).
+# "diffusers-attention" (diffusers' own attention processor instead of decoder.attention), "unbatched-cfg", "no-grad" (inference_mode).
 # Levers that a user turns on: "bf16" (force it where auto says fp32), "channels-last", "compile",
 # "cache-text", "one-candidate", "threads-1".
-LEVERS = ("fp32", "bf16", "bf16-attention", "channels-last", "compile", "unbatched-cfg", "no-grad", "cache-text",
-          "one-candidate", "threads-1")
+LEVERS = ("fp32", "bf16", "diffusers-attention", "per-step-condition", "channels-last", "compile", "unbatched-cfg",
+          "no-grad", "cache-text", "one-candidate", "threads-1")
 
 
 # ---------------------------------------------------------------- models at the workload sizes
@@ -92,12 +95,21 @@ def apply_unet_levers(unets, levers, compile_unets: bool = True) -> None:
     import torch
 
     for unet in unets:
-        if "bf16-attention" in levers and getattr(unet, "attn_processors", None):
-            unet.set_attn_processor({k: getattr(p, "processor", p) for k, p in unet.attn_processors.items()})
+        if "diffusers-attention" in levers and getattr(unet, "attn_processors", None):
+            from diffusers.models.attention_processor import AttnAddedKVProcessor2_0
+
+            unet.set_attn_processor(AttnAddedKVProcessor2_0())
         if "channels-last" in levers:
             unet.to(memory_format=torch.channels_last)
         if "compile" in levers and compile_unets:
             unet.compile()
+
+
+def per_step_condition(models, levers) -> None:
+    """The per-step-condition lever: hide prepare_condition, so unclip.sampling.guided calls the whole model."""
+    if "per-step-condition" in levers:
+        for model in models:
+            model.prepare_condition = None
 
 
 class ChannelsLastInput(object):
@@ -195,6 +207,7 @@ def w3(s: dict, levers) -> tuple[dict, dict]:
 
     decoder = randomise(Decoder(decoder_config(s))).eval()
     apply_unet_levers([decoder.unet], levers)
+    per_step_condition([decoder], levers)
     n = s["w3_images"]
     batch = next(iter(torch.utils.data.DataLoader(common.random_pairs(n, s), batch_size=n)))
     model = decoder
@@ -228,6 +241,7 @@ def make_pipeline(s: dict, levers):
     decoder = randomise(Decoder(decoder_config(s)))
     upsampler = randomise(Upsampler(upsampler_config(s)))
     apply_unet_levers([decoder.unet, upsampler.unet], levers)
+    per_step_condition([prior, decoder], levers)
     pipe = UnCLIPPipeline(clip_encoder(s), prior, decoder, [upsampler], model_id="benchmark")
     pipe.set_progress_bar_config(disable=True)
     pipe.to(dtype={"no": "fp32", "bf16": "bf16"}[precision(levers)])  # the same as "auto" without a lever

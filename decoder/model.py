@@ -33,8 +33,7 @@ import x_transformers
 from diffusers import UNet2DConditionModel
 
 from unclip.checkpoint import load_component, load_weights_into, save_component
-from unclip.precision import attention_in_float32
-
+from .attention import use_added_kv_attention
 from .config import DecoderConfig, noise_schedule
 
 
@@ -176,7 +175,7 @@ class Decoder(nn.Module):
         self.config = config
         self.text_encoder = TextTransformer(config) if config.text_encoder == "transformer" else None
         self.unet = UNet2DConditionModel(**unet_kwargs(config))
-        attention_in_float32(self.unet)  # faster under CPU bf16 autocast (unclip.precision)
+        use_added_kv_attention(self.unet)  # diffusers' attention, faster on the CPU (decoder.attention)
         self.text_proj = ImageTextEmbedder(config, time_embed_dim=4 * config.block_out_channels[0])
         self.initialize_weights()
 
@@ -191,13 +190,14 @@ class Decoder(nn.Module):
         nn.init.zeros_(self.text_proj.learned_classifier_free_guidance_embeddings)
         nn.init.zeros_(self.text_proj.null_text_tokens)
 
-    def _check(self, x_t, image_emb) -> None:
+    def _check(self, x_t, batch: int) -> None:
         c = self.config
-        B = x_t.shape[0]
-        if x_t.ndim != 4 or x_t.shape[1] != c.in_channels:
-            raise ValueError(f"x_t must be [B, {c.in_channels}, S, S], got {tuple(x_t.shape)}")
-        if tuple(image_emb.shape) != (B, c.embed_dim):
-            raise ValueError(f"image_emb must be [{B}, {c.embed_dim}], got {tuple(image_emb.shape)}")
+        if x_t.ndim != 4 or x_t.shape[1] != c.in_channels or x_t.shape[0] != batch:
+            raise ValueError(f"x_t must be [{batch}, {c.in_channels}, S, S], got {tuple(x_t.shape)}")
+
+    def _check_image_emb(self, image_emb) -> None:
+        if image_emb.ndim != 2 or image_emb.shape[1] != self.config.embed_dim:
+            raise ValueError(f"image_emb must be [B, {self.config.embed_dim}], got {tuple(image_emb.shape)}")
 
     def _check_text(self, batch: int, text_tokens, mask) -> None:
         c = self.config
@@ -226,22 +226,36 @@ class Decoder(nn.Module):
         text_encoder="clip+input"), or token ids [B, L] for text_encoder="transformer".
         text_tokens=None (and mask=None) means no caption: the learned null text, as when the text is dropped.
         """
-        self._check(x_t, image_emb)
+        return self._conditioned(image_emb, text_tokens, mask, force_drop_image, force_drop_text)(x_t, t)
+
+    def prepare_condition(self, image_emb, text_tokens, mask, force_drop_image=None, force_drop_text=None):
+        """The network for one condition as fn(x_t, t): the context tokens, their mask and the time offset
+        (and the decoder's own text transformer, if any) are computed here once, not at every sampling step."""
+        return self._conditioned(image_emb, text_tokens, mask, force_drop_image, force_drop_text)
+
+    def _conditioned(self, image_emb, text_tokens, mask, force_drop_image=None, force_drop_text=None):
+        self._check_image_emb(image_emb)
+        B = image_emb.shape[0]
         if text_tokens is None:
-            text_tokens, mask, force_drop_text = self._no_text(x_t.shape[0], x_t.device)
+            text_tokens, mask, force_drop_text = self._no_text(B, image_emb.device)
         else:
-            self._check_text(x_t.shape[0], text_tokens, mask)
+            self._check_text(B, text_tokens, mask)
             if self.text_encoder is not None:
                 text_tokens = self.text_encoder(text_tokens)                 # ids [B, L] -> states [B, L, W]
         context, context_mask, time_offset = self.text_proj(image_emb, text_tokens, mask, force_drop_image,
                                                             force_drop_text)
-        t = torch.as_tensor(t, device=x_t.device).reshape(-1).expand(x_t.shape[0])  # [B]
-        if self.config.position_channels:
-            x_t = torch.cat([x_t, position_channels(x_t)], dim=1)             # [B, 3, S, S] -> [B, 5, S, S]
-        # class_embed_type="identity": emb = time_embedding(t) + time_offset. Karlo passes the context mask
-        # as `attention_mask` for SimpleCrossAttn blocks (image tokens pass unmasked).
-        return self.unet(x_t, t, encoder_hidden_states=context, class_labels=time_offset,
-                         attention_mask=context_mask).sample
+
+        def network(x_t, t):
+            self._check(x_t, B)
+            t = torch.as_tensor(t, device=x_t.device).reshape(-1).expand(B)  # [B]
+            if self.config.position_channels:
+                x_t = torch.cat([x_t, position_channels(x_t)], dim=1)         # [B, 3, S, S] -> [B, 5, S, S]
+            # class_embed_type="identity": emb = time_embedding(t) + time_offset. Karlo passes the context mask
+            # as `attention_mask` for SimpleCrossAttn blocks (image tokens pass unmasked).
+            return self.unet(x_t, t, encoder_hidden_states=context, class_labels=time_offset,
+                             attention_mask=context_mask).sample
+
+        return network
 
     def save(self, folder: str | os.PathLike, dtype: torch.dtype | None = None) -> None:
         """Write a `decoder/` component folder (config, safetensors weights, scheduler_config.json)."""

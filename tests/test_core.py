@@ -125,6 +125,22 @@ def test_guided_combines_branches_in_one_batch():
         make_scheduler("nope")
 
 
+def test_guided_prepares_the_condition_once():
+    """A model with prepare_condition encodes the batched condition once for the whole loop."""
+    class Prepared:
+        prepared = 0
+
+        def prepare_condition(self, c):
+            self.prepared += 1
+            return lambda x, t: torch.zeros_like(x) + c[:, None]
+
+    model = Prepared()
+    model_fn = guided(model, [{"c": torch.zeros(2)}, {"c": torch.ones(2)}], [3.0])
+    x = denoise(model_fn, torch.zeros(2, 1), make_scheduler("ddim"), 5, progress=False)
+    assert model.prepared == 1 and x.shape == (2, 1)
+    assert torch.allclose(model_fn(torch.zeros(2, 1), torch.tensor(1)), torch.full((2, 1), 3.0))
+
+
 # ---------------------------------------------------------------- training loop
 
 

@@ -103,6 +103,23 @@ def test_decoder_output_shape_and_channels_last(decoder):
         decoder(x, 10, **{**cond(), "image_emb": torch.randn(B, D + 1)})
 
 
+@pytest.mark.parametrize("text_encoder", ["clip", "transformer"])
+def test_prepared_condition_equals_the_forward(text_encoder):
+    """prepare_condition encodes the condition once; its network then matches the forward at every step."""
+    model = perturbed(Decoder(transformer_config() if text_encoder == "transformer" else tiny_decoder_config()))
+    c = ids_cond() if text_encoder == "transformer" else cond()
+    drop = dict(force_drop_image=torch.tensor([True, False, False]), force_drop_text=torch.tensor([False, True, False]))
+    with torch.inference_mode():
+        network = model.eval().prepare_condition(**c, **drop)
+        no_text = model.prepare_condition(c["image_emb"], None, None)
+        for t in (900, 20):
+            x = torch.randn(B, 3, S, S)
+            torch.testing.assert_close(network(x, t), model(x, t, **c, **drop))
+            torch.testing.assert_close(no_text(x, t), model(x, t, c["image_emb"], None, None))
+    with pytest.raises(ValueError, match="x_t must be"):
+        network(torch.randn(B + 1, 3, S, S), 10)
+
+
 @pytest.mark.parametrize("prediction_type,gamma", [("epsilon", 5.0), ("v_prediction", 0.0)])
 def test_decoder_loss_reaches_every_parameter(prediction_type, gamma):
     model = Decoder(tiny_decoder_config(prediction_type=prediction_type, min_snr_gamma=gamma,

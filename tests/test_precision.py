@@ -1,4 +1,4 @@
-"""Precision "auto" (bf16 where native) for training and sampling, and fp32 attention under CPU autocast."""
+"""Precision "auto" (bf16 where native) for training and sampling, and the decoder's attention under CPU autocast."""
 
 import json
 
@@ -9,7 +9,8 @@ from click.testing import CliRunner
 from cli import main
 from conftest import make_tiny_pipeline
 from unclip import precision
-from unclip.precision import Float32Attention, attention_in_float32, resolve_precision
+from decoder.attention import AddedKVAttention
+from unclip.precision import resolve_precision
 
 
 @pytest.fixture
@@ -60,36 +61,40 @@ def test_generate_records_its_dtype_and_bf16_stays_close_to_fp32():
     assert 0 < dtype_gap < seed_gap / 5, (dtype_gap, seed_gap)
 
 
-def test_float32_attention_changes_nothing_in_fp32_and_runs_attention_in_fp32_under_autocast():
-    pipe = make_tiny_pipeline()
-    unet = pipe.decoder.unet
-    assert all(isinstance(p, Float32Attention) for p in unet.attn_processors.values())  # Decoder applies it
-    seen = []
+def test_decoder_attention_matches_diffusers_and_keeps_its_product_in_fp32_under_autocast(monkeypatch):
+    from diffusers.models.attention_processor import AttnAddedKVProcessor2_0
 
-    class Spy:
-        def __init__(self, inner):
-            self.inner = inner
+    import decoder.attention
 
-        def __call__(self, attn, hidden_states, *args, **kwargs):
-            seen.append(hidden_states.dtype)
-            return self.inner(attn, hidden_states, *args, **kwargs)
-
-    unet.set_attn_processor({k: Float32Attention(Spy(p.processor)) for k, p in unet.attn_processors.items()})
-    attention_in_float32(unet)  # idempotent: no second wrapper
-    assert all(not isinstance(p.processor, Float32Attention) for p in unet.attn_processors.values())
+    decoder_net = make_tiny_pipeline().decoder
+    unet = decoder_net.unet
+    assert all(isinstance(p, AddedKVAttention) for p in unet.attn_processors.values())  # Decoder applies it
     x, t = torch.randn(2, 3, 8, 8), torch.tensor([10, 500])
     emb = torch.nn.functional.normalize(torch.randn(2, 16), dim=-1)
+    text = torch.randn(2, decoder_net.config.context_length, decoder_net.config.text_width)
+    mask = torch.ones(2, decoder_net.config.context_length, dtype=torch.bool)
+    mask[:, 3:] = False  # padding: the context bias must reach the attention
     with torch.no_grad():
-        wrapped = pipe.decoder(x, t, emb, None, None)
-        plain_processors = {k: p.processor.inner for k, p in unet.attn_processors.items()}
-        unet.set_attn_processor(dict(plain_processors))  # diffusers empties the dict it gets
-        plain = pipe.decoder(x, t, emb, None, None)
-    assert torch.equal(wrapped, plain) and set(seen) == {torch.float32}
-    unet.set_attn_processor({k: Float32Attention(Spy(p)) for k, p in plain_processors.items()})
-    seen.clear()
+        with torch.autocast("cpu", enabled=False):
+            ours = decoder_net(x, t, emb, text, mask)
+        unet.set_attn_processor(AttnAddedKVProcessor2_0())
+        theirs = decoder_net(x, t, emb, text, mask)
+        unmasked = decoder_net(x, t, emb, text, torch.ones_like(mask))
+        unet.set_attn_processor(AddedKVAttention())
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(theirs, unmasked, atol=1e-4)  # the mask matters, so the match above checks it
+    seen = []
+    sdpa = decoder.attention.F.scaled_dot_product_attention
+
+    def spy(q, k, v, **kwargs):
+        seen.append(q.dtype)
+        return sdpa(q, k, v, **kwargs)
+
+    monkeypatch.setattr(decoder.attention.F, "scaled_dot_product_attention", spy)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        pipe.decoder(x, t, emb, None, None)
-    assert seen and set(seen) == {torch.float32}  # the conv around it ran in bf16, attention in fp32
+        out = decoder_net(x, t, emb, text, mask)
+    assert seen and set(seen) == {torch.float32}  # the convolutions ran in bf16, the attention product in fp32
+    assert out.dtype == torch.bfloat16 and (out.float() - ours).abs().mean() < 0.05 * ours.abs().mean()
 
 
 LINE = [{"x": torch.tensor([i / 8]), "y": torch.tensor([2.0 * i / 8])} for i in range(8)]  # y = 2x

@@ -86,6 +86,31 @@ def test_forward_shape_and_padding_mask(prior, text):
         prior(x_t, 10, text_emb, tokens[:, :4], mask)
 
 
+def test_prepared_condition_equals_the_full_forward(prior, text):
+    """The cached text prefix gives the full sequence's output at every step, with or without dropped text."""
+    text_emb, tokens, mask = text
+    drop = torch.tensor([True, False, False])
+    with torch.inference_mode():
+        network = prior.prepare_condition(text_emb, tokens, mask, force_drop=drop)
+        for t in (999, 500, 3):  # one prefix serves every step
+            x_t = torch.randn(3, 16)
+            torch.testing.assert_close(network(x_t, t), prior(x_t, t, text_emb, tokens, mask, force_drop=drop))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            x_t = torch.randn(3, 16)
+            torch.testing.assert_close(prior.prepare_condition(text_emb, tokens, mask)(x_t, 10).float(),
+                                       prior(x_t, 10, text_emb, tokens, mask).float(), atol=2e-2, rtol=2e-2)
+    with pytest.raises(ValueError, match="x_t"):
+        network(torch.randn(2, 16), 10)
+
+
+def test_sampling_with_the_cached_prefix_equals_sampling_the_whole_sequence(prior, text):
+    latents = torch.randn(3, 2, 16, generator=torch.Generator().manual_seed(0))
+    cached = sample_prior(prior, *text, num_steps=4, latents=latents, progress=False)
+    prior.prepare_condition = None  # unclip.sampling.guided then runs the whole sequence at every step
+    whole = sample_prior(prior, *text, num_steps=4, latents=latents, progress=False)
+    torch.testing.assert_close(cached["candidates"], whole["candidates"], atol=1e-5, rtol=1e-4)
+
+
 def test_loss_finite_and_backward_reaches_every_parameter(prior, text):
     text_emb, tokens, mask = text
     prior.train()

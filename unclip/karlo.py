@@ -26,6 +26,8 @@ import torch.nn.functional as F
 from diffusers import PriorTransformer, UNet2DConditionModel, UNet2DModel
 from diffusers.pipelines.deprecated.unclip.text_proj import UnCLIPTextProjModel  # imports without transformers
 
+from decoder.attention import use_added_kv_attention
+
 from .checkpoint import (CONFIG_NAME, FORMAT_VERSION, INDEX_NAME, SCHEDULER_NAME, load_component,
                          load_scheduler_config, read_model_index, replace_dir, save_component)
 from .clip import ClipEncoder
@@ -359,6 +361,7 @@ class KarloDecoder(nn.Module):
     def __init__(self, unet: UNet2DConditionModel, text_proj: UnCLIPTextProjModel, config: KarloDecoderConfig):
         super().__init__()
         self.unet, self.text_proj, self.config = unet, text_proj, config
+        use_added_kv_attention(self.unet)  # the same attention as diffusers', faster on the CPU (decoder.attention)
         self.null_text = NullText(config.embed_dim, config.context_length, config.text_width)
         self.register_buffer("text_projection", torch.zeros(config.embed_dim, config.text_width))  # [D, W]
 

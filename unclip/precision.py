@@ -5,9 +5,7 @@ matrix math natively (a CUDA GPU with bf16, or a CPU with AMX or AVX512-BF16), a
 Xeon with AMX, bf16 autocast made the shapes-sized decoder train 1.2x and sample 1.3x faster, the prior train
 1.8x faster, with losses and samples equal to fp32 within noise. Without native bf16, autocast only adds casts.
 
-`attention_in_float32(unet)` keeps a diffusers UNet's attention in fp32 under CPU autocast: torch's CPU
-flash-attention kernel is slower in bf16 than in fp32 at these sizes (its backward 1.5-4x slower), while the
-convolutions and projections around it gain from bf16.
+The decoder's attention keeps its attention product in fp32 under CPU autocast (decoder.attention).
 """
 
 from __future__ import annotations
@@ -45,24 +43,3 @@ def resolve_precision(precision: str, device: str | torch.device) -> str:
     if precision == "auto":
         return "bf16" if native_bf16(device) else "no"
     return precision
-
-
-class Float32Attention:
-    """A diffusers attention processor run in fp32 when CPU autocast is on (otherwise passed straight through)."""
-
-    def __init__(self, processor):
-        self.processor = processor
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **kwargs):
-        if hidden_states.device.type != "cpu" or not torch.is_autocast_enabled("cpu"):
-            return self.processor(attn, hidden_states, encoder_hidden_states, attention_mask, **kwargs)
-        with torch.autocast("cpu", enabled=False):
-            if encoder_hidden_states is not None:
-                encoder_hidden_states = encoder_hidden_states.float()
-            return self.processor(attn, hidden_states.float(), encoder_hidden_states, attention_mask, **kwargs)
-
-
-def attention_in_float32(unet) -> None:
-    """Wrap every attention processor of a diffusers UNet2DConditionModel in Float32Attention (idempotent)."""
-    unet.set_attn_processor({name: p if isinstance(p, Float32Attention) else Float32Attention(p)
-                             for name, p in unet.attn_processors.items()})

@@ -65,6 +65,10 @@ def guided(model: Callable, conds: Sequence[dict], scales: Sequence[float],
     eps_uncond + s * (eps_cond - eps_uncond). Branches that a scale of 1 or equal neighbours make
     redundant are skipped. With `guide_channels` only the first that many channels are guided; the rest (a
     learned variance) come from the most conditioned branch, as in GLIDE and diffusers' unCLIP pipeline.
+
+    The condition is the same at every step, so a model with `prepare_condition(**cond)` encodes it once here:
+    that returns the network for that condition as fn(x_t, t) (the prior caches its text prefix's keys and
+    values, the decoder its context tokens). Other models are called as model(x_t, t, **cond) at each step.
     """
     if len(scales) != len(conds) - 1:
         raise ValueError(f"{len(conds)} conditions need {len(conds) - 1} guidance scales, got {len(scales)}")
@@ -76,10 +80,12 @@ def guided(model: Callable, conds: Sequence[dict], scales: Sequence[float],
     conds, scales = _prune(list(conds), [float(s) for s in scales])
     k = len(conds)
     batched = {key: _cat([c[key] for c in conds]) for key in conds[0]}
+    prepare = getattr(model, "prepare_condition", None)
+    network = prepare(**batched) if prepare is not None else lambda x_t, t: model(x_t, t, **batched)
 
     def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         t = torch.as_tensor(t, device=x.device).reshape(-1).expand(x.shape[0] * k)
-        preds = model(torch.cat([x] * k), t, **batched).chunk(k)  # k x [B, ...]
+        preds = network(torch.cat([x] * k), t).chunk(k)  # k x [B, ...]
         c = guide_channels if guide_channels is not None else preds[0].shape[1]
         out = preds[0][:, :c]
         for i, s in enumerate(scales, start=1):
