@@ -33,6 +33,7 @@ import x_transformers
 from diffusers import UNet2DConditionModel
 
 from unclip.checkpoint import load_component, load_weights_into, save_component
+
 from .attention import use_added_kv_attention
 from .config import DecoderConfig, noise_schedule
 
