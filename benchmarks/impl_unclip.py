@@ -33,7 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))   # the reposito
 import common  # noqa: E402
 
 # Defaults that a lever turns off: "fp32" (unclip's precision "auto" is bf16 on CPUs with native bf16),
-# "diffusers-attention" (diffusers' own attention processor instead of decoder.attention), "unbatched-cfg", "no-grad" (inference_mode).
+# "diffusers-attention" (diffusers' own attention processor instead of decoder.attention), "per-step-condition"
+# (no prepare_condition), "unbatched-cfg", "no-grad" (inference_mode).
 # Levers that a user turns on: "bf16" (force it where auto says fp32), "channels-last", "compile",
 # "cache-text", "one-candidate", "threads-1".
 LEVERS = ("fp32", "bf16", "diffusers-attention", "per-step-condition", "channels-last", "compile", "unbatched-cfg",

@@ -178,11 +178,13 @@ class DiffusionPrior(nn.Module):
         b = text_emb.shape[0]
         cond, cond_mask = self.text_embedder(text_emb, text_tokens, mask, force_drop)  # [B, L + 1, C], [B, L + 1]
         _, prefix = self.transformer(cond.to(self.x_proj.weight.dtype), mask=cond_mask, return_intermediates=True)
+        new_tokens = 2 + self.config.num_readout
+        seq_mask = F.pad(cond_mask, (0, new_tokens), value=True)                       # [B, N]
 
         def network(x_t, t):
             step = self._step_tokens(x_t, t, b)                                        # [B, 2 + R, C]
-            out = self.transformer(step, mask=F.pad(cond_mask, (0, step.shape[1]), value=True), cache=prefix,
-                                   input_not_include_cache=True, cache_age=step.shape[1])  # [B, 2 + R, D]
+            out = self.transformer(step, mask=seq_mask, cache=prefix, input_not_include_cache=True,
+                                   cache_age=new_tokens)                               # [B, 2 + R, D]
             return out[:, -self.config.num_readout:].mean(dim=1)                       # [B, D]
 
         return network
