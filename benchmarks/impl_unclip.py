@@ -15,6 +15,8 @@ Levers (off unless named; the defaults are what a user gets):
     one-candidate   one prior sample per prompt instead of the default 2 (W4; what diffusers' UnCLIPPipeline does)
     threads-1       torch.set_num_threads(1)
     diffusers-attention   diffusers' AttnAddedKVProcessor2_0 in the decoder instead of decoder.attention's
+    flash-attention       decoder.attention's processor with its attention product in the fp32 flash kernel under
+                          bf16 autocast (as before 2026-12-02) instead of the bf16 math formulation
     per-step-condition    encode the condition at every sampling step (no prepare_condition: the prior runs
                           its whole sequence, the decoder re-projects its context tokens)
 """
@@ -33,12 +35,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))   # the reposito
 import common  # noqa: E402
 
 # Defaults that a lever turns off: "fp32" (unclip's precision "auto" is bf16 on CPUs with native bf16),
-# "diffusers-attention" (diffusers' own attention processor instead of decoder.attention), "per-step-condition"
+# "diffusers-attention" (diffusers' own attention processor instead of decoder.attention), "flash-attention"
+# (decoder.attention's fp32 flash kernel instead of its bf16 math attention under autocast), "per-step-condition"
 # (no prepare_condition), "unbatched-cfg", "no-grad" (inference_mode).
 # Levers that a user turns on: "bf16" (force it where auto says fp32), "channels-last", "compile",
 # "cache-text", "one-candidate", "threads-1".
-LEVERS = ("fp32", "bf16", "diffusers-attention", "per-step-condition", "channels-last", "compile", "unbatched-cfg",
-          "no-grad", "cache-text", "one-candidate", "threads-1")
+LEVERS = ("fp32", "bf16", "diffusers-attention", "flash-attention", "per-step-condition", "channels-last", "compile",
+          "unbatched-cfg", "no-grad", "cache-text", "one-candidate", "threads-1")
 
 
 # ---------------------------------------------------------------- models at the workload sizes
@@ -95,6 +98,10 @@ def randomise(module, std: float = 0.02):
 def apply_unet_levers(unets, levers, compile_unets: bool = True) -> None:
     import torch
 
+    if "flash-attention" in levers:
+        import decoder.attention
+
+        decoder.attention.MATH_ATTENTION_MAX = 0
     for unet in unets:
         if "diffusers-attention" in levers and getattr(unet, "attn_processors", None):
             from diffusers.models.attention_processor import AttnAddedKVProcessor2_0

@@ -85,6 +85,8 @@ def parse_args():
     parser.add_argument("--fd-tolerance", type=float, default=0.05, help="relative FD slack for 'matches'")
     parser.add_argument("--markdown", type=Path, default=None, help="default docs/BENCHMARKS.md")
     parser.add_argument("--no-markdown", action="store_true")
+    parser.add_argument("--section", default="quality",
+                        help="BENCHMARKS.md section to write (one per model: quality, quality-emoji, ...)")
     args = parser.parse_args()
     if args.shapes is None:
         args.shapes = (args.data.parent / "split.json").is_file()
@@ -130,7 +132,7 @@ def main() -> None:
         f"Matching: oracle within one binomial standard error, FD within {args.fd_tolerance:.0%}."])
     print(text)
     if not args.no_markdown:
-        print(f"wrote {report.update_section('quality', text, args.markdown)}", file=sys.stderr)
+        print(f"wrote {report.update_section(args.section, text, args.markdown)}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -61,7 +61,7 @@ def test_generate_records_its_dtype_and_bf16_stays_close_to_fp32():
     assert 0 < dtype_gap < seed_gap / 5, (dtype_gap, seed_gap)
 
 
-def test_decoder_attention_matches_diffusers_and_keeps_its_product_in_fp32_under_autocast(monkeypatch):
+def test_decoder_attention_matches_diffusers_and_runs_bf16_math_under_autocast(monkeypatch):
     from diffusers.models.attention_processor import AttnAddedKVProcessor2_0
 
     import decoder.attention
@@ -84,18 +84,42 @@ def test_decoder_attention_matches_diffusers_and_keeps_its_product_in_fp32_under
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-4)
     assert not torch.allclose(theirs, unmasked, atol=1e-4)  # the mask matters, so the match above checks it
     seen = []
-    sdpa = decoder.attention.F.scaled_dot_product_attention
+    sdpa, math = decoder.attention.F.scaled_dot_product_attention, decoder.attention.bf16_attention
 
-    def spy(q, k, v, **kwargs):
-        seen.append(q.dtype)
+    def spy_sdpa(q, k, v, **kwargs):
+        seen.append(("flash", q.dtype))
         return sdpa(q, k, v, **kwargs)
 
-    monkeypatch.setattr(decoder.attention.F, "scaled_dot_product_attention", spy)
+    def spy_math(q, k, v, bias=None):
+        seen.append(("math", q.dtype))
+        return math(q, k, v, bias)
+
+    monkeypatch.setattr(decoder.attention.F, "scaled_dot_product_attention", spy_sdpa)
+    monkeypatch.setattr(decoder.attention, "bf16_attention", spy_math)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         out = decoder_net(x, t, emb, text, mask)
-    assert seen and set(seen) == {torch.float32}  # the convolutions ran in bf16, the attention product in fp32
-    assert out.dtype == torch.bfloat16 and (out.float() - ours).abs().mean() < 0.05 * ours.abs().mean()
+        monkeypatch.setattr(decoder.attention, "MATH_ATTENTION_MAX", 0)  # large score tensors: fp32 flash kernel
+        out_flash = decoder_net(x, t, emb, text, mask)
+    n = len(unet.attn_processors)
+    assert seen == [("math", torch.bfloat16)] * n + [("flash", torch.float32)] * n
+    for o in (out, out_flash):  # the convolutions ran in bf16, and the result is fp32's within bf16 rounding
+        assert o.dtype == torch.bfloat16 and (o.float() - ours).abs().mean() < 0.05 * ours.abs().mean()
 
+
+def test_bf16_attention_is_softmax_attention_with_the_bias():
+    from decoder.attention import bf16_attention
+
+    q, k, v = torch.randn(2, 3, 10, 8), torch.randn(2, 3, 14, 8), torch.randn(2, 3, 14, 8)
+    bias = torch.zeros(2, 1, 1, 14)
+    bias[1, ..., :5] = torch.finfo(torch.float32).min  # masked keys of the second sample
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    torch.testing.assert_close(bf16_attention(q, k, v, bias), want, atol=1e-5, rtol=1e-5)  # exact in fp32
+    got = bf16_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), bias)
+    assert got.dtype == torch.bfloat16 and (got.float() - want).abs().max() < 0.05
+    # the masked keys get no weight: changing their values leaves the second sample's output unchanged
+    v2 = v.clone()
+    v2[1, :, :5] += 100
+    torch.testing.assert_close(bf16_attention(q, k, v2, bias)[1], want[1], atol=1e-5, rtol=1e-5)
 
 LINE = [{"x": torch.tensor([i / 8]), "y": torch.tensor([2.0 * i / 8])} for i in range(8)]  # y = 2x
 
