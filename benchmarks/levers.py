@@ -7,9 +7,10 @@ against fp32).
 
 Each configuration is a fresh `impl_unclip.py` process with some `--lever`s; configurations alternate within a
 round. "speed-up" is median(baseline time) / median(lever time). Levers that are on by default in unclip (bf16
-autocast where the CPU has native bf16, the decoder's attention processor, conditions encoded once per sampling
-run, batched CFG, inference_mode) are measured by turning them off (fp32, diffusers-attention,
-per-step-condition, unbatched-cfg, no-grad): a speed-up below 1 there means the default pays.
+autocast where the CPU has native bf16, the decoder's attention processor and its bf16 math attention, conditions
+encoded once per sampling run, batched CFG, inference_mode) are measured by turning them off (fp32,
+diffusers-attention, flash-attention, per-step-condition, unbatched-cfg, no-grad): a speed-up below 1 there means
+the default pays.
 """
 
 from __future__ import annotations
@@ -163,8 +164,13 @@ def parse_args():
     parser.add_argument("--markdown", type=Path, default=None, help="default docs/BENCHMARKS.md (not with --quick)")
     parser.add_argument("--no-accuracy", action="store_true", help="skip the bf16-vs-fp32 check")
     parser.add_argument("--no-speed", action="store_true", help="only the bf16-vs-fp32 check")
+    parser.add_argument("--only", default=None,
+                        help="comma-separated levers: run only the configurations made of these (and the defaults)")
+    parser.add_argument("--section", default="levers",
+                        help="BENCHMARKS.md section to write (another name keeps an earlier run's section)")
     parser.add_argument("--timeout", type=int, default=1800)
     args = parser.parse_args()
+    args.only = None if args.only is None else set(args.only.split(","))
     args.rounds = args.rounds or (1 if args.quick else 3)
     return args
 
@@ -173,11 +179,13 @@ def main() -> None:
     args = parse_args()
     machine = report.machine()
     workloads = [] if args.no_speed else args.workload or list(CONFIGS)
-    results = {w: {levers: [] for levers in CONFIGS[w]} for w in workloads}
+    configs_of = {w: [c for c in CONFIGS[w] if args.only is None or set(c) <= args.only] for w in workloads}
+    results = {w: {levers: [] for levers in configs_of[w]} for w in workloads}
     start = time.perf_counter()
     for r in range(args.rounds):
         for w in workloads:
-            configs = CONFIGS[w][r % len(CONFIGS[w]):] + CONFIGS[w][:r % len(CONFIGS[w])]
+            mine = configs_of[w]
+            configs = mine[r % len(mine):] + mine[:r % len(mine)]
             for levers in configs:
                 value = run_config(w, levers, args.quick, args.timeout)
                 print(f"round {r + 1} {w} {'+'.join(levers) or 'defaults':<22} {report.fmt(value)}", file=sys.stderr,
@@ -188,9 +196,10 @@ def main() -> None:
     text = ["## Speed levers (unclip)" + (" (--quick: meaningless timings)" if args.quick else ""),
             report.machine_markdown(machine), f"- {args.rounds} rounds, {(time.perf_counter() - start) / 60:.1f} min",
             "", report.table(["workload", "levers", "median", "min–max", "speed-up vs defaults"], rows), "",
-            "W1 in images/s, W2 in samples/s, W3/W4 in s/image. `fp32`, `diffusers-attention`, `per-step-condition`, "
-            "`unbatched-cfg` and `no-grad` turn *off* defaults (bf16 autocast, the decoder's own attention processor, "
-            "conditions encoded once per sampling run, batched CFG, inference_mode): "
+            "W1 in images/s, W2 in samples/s, W3/W4 in s/image. `fp32`, `diffusers-attention`, `flash-attention`, "
+            "`per-step-condition`, `unbatched-cfg` and `no-grad` turn *off* defaults (bf16 autocast, the decoder's "
+            "own attention processor, its bf16 math attention, conditions encoded once per sampling run, batched "
+            "CFG, inference_mode): "
             "a speed-up below 1.00x is what the default saves. `compile` on W1/W2 is `TrainConfig.compile` "
             "(`--compile`), its start-up excluded (warm-up steps)."]
     print(report.table(["workload", "levers", "median", "min–max", "speed-up"], rows))
@@ -204,7 +213,7 @@ def main() -> None:
         print(report.table(["loss", "rel diff", "noise", "ok"], loss_rows))
         print(report.table(["samples", "mse dtype", "mse seed", "ok"], sample_rows))
     if args.markdown or not args.quick:
-        print(f"wrote {report.update_section('levers', chr(10).join(text), args.markdown)}", file=sys.stderr)
+        print(f"wrote {report.update_section(args.section, chr(10).join(text), args.markdown)}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ For held-out "... on the left / right / top / bottom" captions, the decoder alon
   true       the picture's CLIP image embedding and its caption's tokens,
   mirrored   the embedding of the picture mirrored across the named axis, with the caption's tokens,
   no text    the picture's embedding and no caption (the decoder's null text),
+  text only  the caption's tokens and no image embedding (the decoder's null image, `prior_free`),
 and the shapes oracle reports how often one object of the right colour and shape is drawn ("object"), and of
 those how often it lies on the named side ("side"; 0.5 is chance, and a decoder that follows the mirrored
 embedding scores near 0 there).
@@ -27,10 +28,11 @@ from unclip.eval.shapes import _matches, _placed, detect_objects
 
 
 def decode(decoder, clip, image_emb, captions, seed: int = 0):
-    """captions None: no caption (the decoder's null text)."""
+    """captions None: no caption (the decoder's null text); image_emb None: no image embedding (text only)."""
     tokens, mask = decoder_text(clip, decoder.config, captions) if captions else (None, None)
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
         return sample_decoder(decoder, image_emb, tokens, mask, num_steps=25, progress=False,
+                              prior_free=image_emb is None,
                               generator=torch.Generator().manual_seed(seed))["images"].float()
 
 
@@ -69,6 +71,7 @@ def main(argv=None):
         "true": side_scores(decode(decoder, clip, image_emb, captions), captions),
         "mirrored": side_scores(decode(decoder, clip, mirrored_emb, captions), captions),
         "no text": side_scores(decode(decoder, clip, image_emb, None), captions),
+        "text only": side_scores(decode(decoder, clip, None, captions), captions),
         "cos(image emb, mirrored)": float((image_emb * mirrored_emb).sum(-1).mean()),
     }
     print(json.dumps(report, indent=1))
