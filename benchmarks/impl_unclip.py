@@ -15,8 +15,8 @@ Levers (off unless named; the defaults are what a user gets):
     one-candidate   one prior sample per prompt instead of the default 2 (W4; what diffusers' UnCLIPPipeline does)
     threads-1       torch.set_num_threads(1)
     diffusers-attention   diffusers' AttnAddedKVProcessor2_0 in the decoder instead of decoder.attention's
-    flash-attention       decoder.attention's processor with its attention product in the fp32 flash kernel under
-                          bf16 autocast (as before 2026-12-02) instead of the bf16 math formulation
+    flash-attention       train with decoder.attention's product in the fp32 flash kernel under bf16 autocast (as
+                          before 2026-12-01's change) instead of bf16 math attention (sampling uses flash either way)
     per-step-condition    encode the condition at every sampling step (no prepare_condition: the prior runs
                           its whole sequence, the decoder re-projects its context tokens)
 """

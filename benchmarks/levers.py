@@ -32,7 +32,7 @@ import report  # noqa: E402
 CONFIGS = {
     "W1": [(), ("fp32",), ("diffusers-attention",), ("flash-attention",), ("channels-last",), ("compile",), ("threads-1",)],
     "W2": [(), ("fp32",), ("compile",)],
-    "W3": [(), ("fp32",), ("diffusers-attention",), ("flash-attention",), ("per-step-condition",), ("channels-last",), ("compile",),
+    "W3": [(), ("fp32",), ("diffusers-attention",), ("per-step-condition",), ("channels-last",), ("compile",),
            ("unbatched-cfg",), ("no-grad",), ("threads-1",)],
     "W4": [(), ("fp32",), ("per-step-condition",), ("one-candidate",), ("cache-text",)],
 }
@@ -88,9 +88,10 @@ def loss_pair(model, loss_fn, batch: dict, seed: int):
     for dtype in (None, torch.bfloat16):
         b = dict(batch)
         b[RANDOM_KEY] = SampleRandom.at_positions(seed, 0, len(batch["image"]))
-        with torch.no_grad(), (torch.autocast("cpu", dtype=dtype) if dtype else torch.autocast("cpu", enabled=False)):
+        # autograd on, as in training: the decoder's attention takes its training path (bf16 math attention)
+        with torch.autocast("cpu", dtype=dtype) if dtype else torch.autocast("cpu", enabled=False):
             loss = loss_fn(model, b)
-        out.append(float((loss[0] if isinstance(loss, tuple) else loss).float()))
+        out.append(float((loss[0] if isinstance(loss, tuple) else loss).detach().float()))
     return out
 
 
@@ -193,15 +194,19 @@ def main() -> None:
                 if isinstance(value, float):
                     results[w][levers].append(value)
     rows = speed_rows(results)
-    text = ["## Speed levers (unclip)" + (" (--quick: meaningless timings)" if args.quick else ""),
-            report.machine_markdown(machine), f"- {args.rounds} rounds, {(time.perf_counter() - start) / 60:.1f} min",
-            "", report.table(["workload", "levers", "median", "min–max", "speed-up vs defaults"], rows), "",
-            "W1 in images/s, W2 in samples/s, W3/W4 in s/image. `fp32`, `diffusers-attention`, `flash-attention`, "
-            "`per-step-condition`, `unbatched-cfg` and `no-grad` turn *off* defaults (bf16 autocast, the decoder's "
-            "own attention processor, its bf16 math attention, conditions encoded once per sampling run, batched "
-            "CFG, inference_mode): "
-            "a speed-up below 1.00x is what the default saves. `compile` on W1/W2 is `TrainConfig.compile` "
-            "(`--compile`), its start-up excluded (warm-up steps)."]
+    if not workloads:  # --no-speed: the accuracy check alone
+        text = ["## bf16 autocast against fp32 (unclip)", report.machine_markdown(machine)]
+    else:
+        text = ["## Speed levers (unclip)" + (" (--quick: meaningless timings)" if args.quick else ""),
+                report.machine_markdown(machine),
+                f"- {args.rounds} rounds, {(time.perf_counter() - start) / 60:.1f} min",
+                "", report.table(["workload", "levers", "median", "min–max", "speed-up vs defaults"], rows), "",
+                "W1 in images/s, W2 in samples/s, W3/W4 in s/image. `fp32`, `diffusers-attention`, "
+                "`flash-attention`, `per-step-condition`, `unbatched-cfg` and `no-grad` turn *off* defaults (bf16 "
+                "autocast, the decoder's own attention processor, its bf16 math attention in training, conditions "
+                "encoded once per sampling run, batched CFG, inference_mode): a speed-up below 1.00x is what the "
+                "default saves. `compile` on W1/W2 is `TrainConfig.compile` (`--compile`), its start-up excluded "
+                "(warm-up steps)."]
     print(report.table(["workload", "levers", "median", "min–max", "speed-up"], rows))
     if not args.no_accuracy:
         loss_rows, sample_rows = loss_check(args.quick), sample_check(args.quick, args.model)

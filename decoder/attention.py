@@ -7,13 +7,15 @@ weights, the same result within rounding; tests/test_precision.py), with four di
 - It returns a contiguous (NCHW) feature map. diffusers returns a channels_last view plus the residual, which
   leaves every later layer of the UNet channels_last, and CPU GroupNorm is 5-20x slower on channels_last
   tensors at these sizes: on the W3 decoder (docs/BENCHMARKS.md) this alone makes a step 1.14x faster.
-- The projections and the GroupNorm follow the autocast around them (bf16 on a CPU with native bf16). Under
-  CPU autocast the attention product itself is written out as two bf16 matrix products around a softmax
-  (`bf16_attention`), which is what autocast does to a hand-written attention: the softmax accumulates in
-  fp32 and its input and output are bf16. torch's CPU flash-attention kernel is slower in bf16 than in fp32 at
-  these sizes (its backward 1.5-4x), and in fp32 slower than the two bf16 products: a W1 training step 1.08x
-  and a W3 sampling step 1.07x (docs/BENCHMARKS.md). Above `MATH_ATTENTION_MAX` score elements (where the
-  [B, h, HW, N] score tensor would cost memory), it falls back to the fp32 flash kernel.
+- The projections and the GroupNorm follow the autocast around them (bf16 on a CPU with native bf16). When
+  training under CPU autocast, the attention product itself is written out as two bf16 matrix products around
+  a softmax (`bf16_attention`), which is what autocast does to a hand-written attention: the softmax accumulates
+  in fp32 and its input and output are bf16. torch's CPU flash-attention kernel is slower in bf16 than in fp32
+  at these sizes (its backward 1.5-4x), and in fp32 slower than the two bf16 products: a W1 training step is
+  1.08x faster in-process, and W1 1.14x (docs/BENCHMARKS.md). Sampling (no autograd) keeps the fp32 flash
+  kernel: forward only, the two are equally fast (141 against 145 ms per W3 step), and fp32 is the more exact.
+  Above `MATH_ATTENTION_MAX` score elements (where the [B, h, HW, N] score tensor saved for the backward would
+  cost memory), training falls back to the fp32 flash kernel too.
 - The context mask is built once per call as a [B, 1, 1, N] bias broadcast over the heads, instead of being
   repeated per head.
 - The heads are split with views where diffusers copies (`head_to_batch_dim`).
@@ -33,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 
-MATH_ATTENTION_MAX = 2**25  # score elements [B, h, HW, N] up to which bf16_attention is used (64 MiB in bf16)
+MATH_ATTENTION_MAX = 2**25  # score elements [B, h, HW, N] up to which training uses bf16_attention (64 MiB)
 
 
 def bf16_attention(q, k, v, bias=None):
@@ -70,7 +72,7 @@ class AddedKVAttention:
         q, k, v = (t.unflatten(-1, (attn.heads, -1)).transpose(1, 2) for t in (q, k, v))  # [B, h, *, C / h]
         if q.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
             dtype = torch.get_autocast_dtype("cpu")
-            if q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2] <= MATH_ATTENTION_MAX:
+            if torch.is_grad_enabled() and q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2] <= MATH_ATTENTION_MAX:
                 out = bf16_attention(q.to(dtype), k.to(dtype), v.to(dtype), bias)
             else:
                 with torch.autocast("cpu", enabled=False):

@@ -61,7 +61,7 @@ def test_generate_records_its_dtype_and_bf16_stays_close_to_fp32():
     assert 0 < dtype_gap < seed_gap / 5, (dtype_gap, seed_gap)
 
 
-def test_decoder_attention_matches_diffusers_and_runs_bf16_math_under_autocast(monkeypatch):
+def test_decoder_attention_matches_diffusers_and_trains_with_bf16_math_under_autocast(monkeypatch):
     from diffusers.models.attention_processor import AttnAddedKVProcessor2_0
 
     import decoder.attention
@@ -96,14 +96,18 @@ def test_decoder_attention_matches_diffusers_and_runs_bf16_math_under_autocast(m
 
     monkeypatch.setattr(decoder.attention.F, "scaled_dot_product_attention", spy_sdpa)
     monkeypatch.setattr(decoder.attention, "bf16_attention", spy_math)
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        out = decoder_net(x, t, emb, text, mask)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = decoder_net(x, t, emb, text, mask)                      # training: bf16 math attention
+        with torch.no_grad():
+            out_sampling = decoder_net(x, t, emb, text, mask)         # sampling: the fp32 flash kernel
         monkeypatch.setattr(decoder.attention, "MATH_ATTENTION_MAX", 0)  # large score tensors: fp32 flash kernel
-        out_flash = decoder_net(x, t, emb, text, mask)
+        out_large = decoder_net(x, t, emb, text, mask)
     n = len(unet.attn_processors)
-    assert seen == [("math", torch.bfloat16)] * n + [("flash", torch.float32)] * n
-    for o in (out, out_flash):  # the convolutions ran in bf16, and the result is fp32's within bf16 rounding
+    assert seen == [("math", torch.bfloat16)] * n + [("flash", torch.float32)] * 2 * n
+    for o in (out, out_sampling, out_large):  # convolutions in bf16: fp32's result within bf16 rounding
         assert o.dtype == torch.bfloat16 and (o.float() - ours).abs().mean() < 0.05 * ours.abs().mean()
+    out.float().sum().backward()  # the math path trains
+    assert all(p.grad is not None for p in unet.parameters() if p.requires_grad)
 
 
 def test_bf16_attention_is_softmax_attention_with_the_bias():
