@@ -36,7 +36,7 @@ import common  # noqa: E402
 
 # Defaults that a lever turns off: "fp32" (unclip's precision "auto" is bf16 on CPUs with native bf16),
 # "diffusers-attention" (diffusers' own attention processor instead of decoder.attention), "flash-attention"
-# (decoder.attention's fp32 flash kernel instead of its bf16 math attention under autocast), "per-step-condition"
+# (training with decoder.attention's fp32 flash kernel, not its bf16 math attention), "per-step-condition"
 # (no prepare_condition), "unbatched-cfg", "no-grad" (inference_mode).
 # Levers that a user turns on: "bf16" (force it where auto says fp32), "channels-last", "compile",
 # "cache-text", "one-candidate", "threads-1".

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 
-MATH_ATTENTION_MAX = 2**25  # score elements [B, h, HW, N] up to which training uses bf16_attention (64 MiB)
+MATH_ATTENTION_MAX = 2**25  # score elements [B, h, HW, N] up to which training uses bf16_attention (64 MiB each)
 
 
 def bf16_attention(q, k, v, bias=None):
