@@ -5,8 +5,9 @@ matrix math natively (a CUDA GPU with bf16, or a CPU with AMX or AVX512-BF16), a
 Xeon with AMX, bf16 autocast made the shapes-sized decoder train 1.2x and sample 1.3x faster, the prior train
 1.8x faster, with losses and samples equal to fp32 within noise. Without native bf16, autocast only adds casts.
 
-Under CPU autocast the decoder's attention product is two bf16 matrix products around a softmax that
-accumulates in fp32 (decoder.attention: faster than torch's flash kernel in either dtype at these sizes).
+When training under CPU autocast, the decoder's attention product is two bf16 matrix products around a softmax
+that accumulates in fp32 (decoder.attention: its backward is faster than torch's flash kernel in either dtype at
+these sizes); sampling keeps the fp32 flash kernel, as fast there and more exact.
 
 Sampling stays under torch.inference_mode although autocast does not cache the weights' bf16 copies there (it
 does under no_grad: 96 instead of 384 casts per forward of the emoji decoder). Measured on 2026-12-01, no_grad did
