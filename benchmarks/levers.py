@@ -30,7 +30,8 @@ sys.path.insert(0, str(HERE.parent))
 import report  # noqa: E402
 
 CONFIGS = {
-    "W1": [(), ("fp32",), ("diffusers-attention",), ("flash-attention",), ("channels-last",), ("compile",), ("threads-1",)],
+    "W1": [(), ("fp32",), ("diffusers-attention",), ("flash-attention",), ("channels-last",), ("compile",),
+           ("threads-1",)],
     "W2": [(), ("fp32",), ("compile",)],
     "W3": [(), ("fp32",), ("diffusers-attention",), ("per-step-condition",), ("channels-last",), ("compile",),
            ("unbatched-cfg",), ("no-grad",), ("threads-1",)],

@@ -229,12 +229,9 @@ class Decoder(nn.Module):
         """
         return self._conditioned(image_emb, text_tokens, mask, force_drop_image, force_drop_text)(x_t, t)
 
-    def prepare_condition(self, image_emb, text_tokens, mask, force_drop_image=None, force_drop_text=None):
+    def _conditioned(self, image_emb, text_tokens, mask, force_drop_image=None, force_drop_text=None):
         """The network for one condition as fn(x_t, t): the context tokens, their mask and the time offset
         (and the decoder's own text transformer, if any) are computed here once, not at every sampling step."""
-        return self._conditioned(image_emb, text_tokens, mask, force_drop_image, force_drop_text)
-
-    def _conditioned(self, image_emb, text_tokens, mask, force_drop_image=None, force_drop_text=None):
         self._check_image_emb(image_emb)
         B = image_emb.shape[0]
         if text_tokens is None:
@@ -257,6 +254,9 @@ class Decoder(nn.Module):
                              attention_mask=context_mask).sample
 
         return network
+
+    # public name for unclip.sampling.guided; forward calls _conditioned, so hiding this one (a benchmark lever) is safe
+    prepare_condition = _conditioned
 
     def save(self, folder: str | os.PathLike, dtype: torch.dtype | None = None) -> None:
         """Write a `decoder/` component folder (config, safetensors weights, scheduler_config.json)."""
