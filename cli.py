@@ -486,6 +486,9 @@ def sampling_options(fn):
         click.option("--dtype", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto",
                      show_default=True, help="Autocast precision of the networks (auto: bf16 where the CPU or GPU "
                      "does bf16 math natively, else fp32)."),
+        click.option("--compile", "compile_model", is_flag=True,
+                     help="torch.compile the decoder and upsamplers (about a minute per network before the first "
+                          "image; pays back over many images)."),
         # Randomness and count
         click.option("-n", "--num-images", type=click.IntRange(min=1, max=1024), default=1, show_default=True,
                      help="Images per input."),
@@ -518,7 +521,7 @@ def sampling_options(fn):
 
 
 def load_pipeline(kw: dict):
-    """Pop model/device/dtype/quiet from kw and load the pipeline."""
+    """Pop model/device/dtype/quiet/compile from kw and load the pipeline."""
     import torch
 
     from unclip import UnCLIPPipeline
@@ -527,6 +530,8 @@ def load_pipeline(kw: dict):
     pipe = UnCLIPPipeline.from_pretrained(kw.pop("model"))
     pipe.to(device, kw.pop("dtype"))
     pipe.set_progress_bar_config(disable=kw.pop("quiet"))
+    if kw.pop("compile_model"):
+        pipe.compile()
     return pipe
 
 

@@ -4,7 +4,8 @@
     python benchmarks/time_generate.py --model PATH       # any model folder, bundled name or hub id
     python benchmarks/time_generate.py --quick            # 1 round, tiny step counts (checks that it runs)
 
-warm: `UnCLIPPipeline.generate(prompt)` at the default settings after one warm-up call, per dtype (auto, fp32, bf16).
+warm: `UnCLIPPipeline.generate(prompt)` at the default settings after one warm-up call, per dtype (auto, fp32, bf16),
+and after `pipe.compile()` (dtype auto; with the time of its first, compiling call).
 cold: wall time of `unclip generate PROMPT --model M -o OUT.png --quiet` in a fresh process, split into Python
 start + imports (`python -c "import cli, unclip.pipeline"`), and model loading (from_pretrained, in this process).
 Writes the "generate" section of docs/BENCHMARKS.md.
@@ -52,7 +53,8 @@ def cold(model: str, prompt: str, rounds: int, extra: list[str]) -> dict:
     return {"command_s": statistics.median(runs), "imports_s": statistics.median(imports), "rounds": rounds}
 
 
-def warm(model: str, prompt: str, rounds: int, steps: dict) -> dict:
+def warm(model: str, prompt: str, rounds: int, steps: dict, compile_too: bool) -> dict:
+    import numpy as np
     import torch
 
     from unclip.pipeline import UnCLIPPipeline
@@ -71,6 +73,20 @@ def warm(model: str, prompt: str, rounds: int, steps: dict) -> dict:
             pipe.generate(prompt, seed=i, **steps)
             times.append(time.perf_counter() - start)
         out[f"generate_s_{dtype}"] = statistics.median(times)
+    if compile_too:  # last: compiling is in place
+        pipe.to(dtype="auto")
+        eager = np.asarray(pipe.generate(prompt, seed=0, **steps).images[0], dtype=np.int16)
+        pipe.compile()
+        start = time.perf_counter()
+        first = np.asarray(pipe.generate(prompt, seed=0, **steps).images[0], dtype=np.int16)
+        out["compile_s"] = time.perf_counter() - start
+        out["compile_pixel_diff"] = (float(np.abs(first - eager).mean()), int(np.abs(first - eager).max()))
+        times = []
+        for i in range(rounds):
+            start = time.perf_counter()
+            pipe.generate(prompt, seed=i, **steps)
+            times.append(time.perf_counter() - start)
+        out["generate_s_compiled"] = statistics.median(times)
     return out
 
 
@@ -80,6 +96,7 @@ def parse_args():
     parser.add_argument("--prompt", default="a red apple")
     parser.add_argument("--rounds", type=int, default=None, help="default 5 (1 with --quick)")
     parser.add_argument("--quick", action="store_true", help="1 round, 2 steps per stage")
+    parser.add_argument("--no-compile", action="store_true", help="skip the `pipe.compile()` rows (minutes)")
     parser.add_argument("--markdown", type=Path, default=None, help="default docs/BENCHMARKS.md (not with --quick)")
     args = parser.parse_args()
     args.rounds = args.rounds or (1 if args.quick else 5)
@@ -92,10 +109,15 @@ def main() -> None:
     steps = dict(prior_steps=2, decoder_steps=2, upsampler_steps=2) if args.quick else {}
     extra = ["--steps-prior", "2", "--steps-decoder", "2", "--steps-upsampler", "2"] if args.quick else []
     c = cold(args.model, args.prompt, args.rounds, extra)
-    w = warm(args.model, args.prompt, args.rounds, steps)
+    w = warm(args.model, args.prompt, args.rounds, steps, compile_too=not args.no_compile)
     rows = [["warm: `pipe.generate` (dtype auto, the default)", f"{w['generate_s_auto']:.2f}"],
             ["warm: `pipe.generate` with `pipe.to(dtype='fp32')`", f"{w['generate_s_fp32']:.2f}"],
             ["warm: `pipe.generate` with `pipe.to(dtype='bf16')`", f"{w['generate_s_bf16']:.2f}"],
+            *([["warm: `pipe.generate` after `pipe.compile()` (dtype auto; `--compile` at the CLI)",
+                 f"{w['generate_s_compiled']:.2f}"],
+               ["  its first call, which compiles the decoder and the upsampler", f"{w['compile_s']:.1f}"],
+               ["  its first image against the eager one: mean / max pixel difference (0-255)",
+                "{:.2f} / {}".format(*w["compile_pixel_diff"])]] if "compile_s" in w else []),
             ["cold: `unclip generate ... -o x.png` (whole command)", f"{c['command_s']:.2f}"],
             ["  of which Python start + `import cli, unclip.pipeline`", f"{c['imports_s']:.2f}"],
             ["  of which `UnCLIPPipeline.from_pretrained` (in a warm process)", f"{w['load_s']:.2f}"]]

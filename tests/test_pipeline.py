@@ -189,3 +189,19 @@ def test_bad_settings_fail_loudly(pipe):
         pipe("   ")
     with pytest.raises(ValueError, match="not found"):
         pipe.vary("/no/such/picture.png")
+
+
+def test_compile_matches_eager_and_keeps_the_weights(tmp_path):
+    # fp32 only: each dtype and batch size compiles again (about a minute on 2 cores); bf16 is measured in
+    # benchmarks/time_generate.py (the images against eager's)
+    eager, compiled = make_tiny_pipeline().to(dtype="fp32"), make_tiny_pipeline().to(dtype="fp32").compile()
+    names = {k: v.clone() for k, v in eager.decoder.state_dict().items()}
+    a, b = eager("a red circle", seed=1, **FAST), compiled("a red circle", seed=1, **FAST)
+    assert type(compiled.decoder.unet).__name__ == "UNet2DConditionModel"  # compiled in place
+    assert compiled.decoder.unet._compiled_call_impl is not None
+    assert torch.allclose(a.base, b.base, atol=2e-4)
+    assert np.abs(pixels(a.images).astype(int) - pixels(b.images).astype(int)).max() <= 1
+    compiled.save_pretrained(tmp_path / "m")                       # same keys and weights as before compiling
+    loaded = UnCLIPPipeline.from_pretrained(tmp_path / "m")
+    assert loaded.decoder.state_dict().keys() == names.keys()
+    assert all(torch.equal(loaded.decoder.state_dict()[k], v) for k, v in names.items())
