@@ -529,9 +529,13 @@ def load_pipeline(kw: dict):
     device = kw.pop("device") or ("cuda" if torch.cuda.is_available() else "cpu")
     pipe = UnCLIPPipeline.from_pretrained(kw.pop("model"))
     pipe.to(device, kw.pop("dtype"))
-    pipe.set_progress_bar_config(disable=kw.pop("quiet"))
+    quiet = kw.pop("quiet")
+    pipe.set_progress_bar_config(disable=quiet)
     if kw.pop("compile_model"):
         pipe.compile()
+        if not quiet:
+            click.echo("--compile: the first decoder and upsampler steps compile (a minute or two on 2 CPU cores)",
+                       err=True)
     return pipe
 
 

@@ -105,3 +105,16 @@ def test_unwritable_output_fails_cleanly(tiny_model_dir):
     result = run("generate", "a red circle", "--model", tiny_model_dir, "-o", "/proc/unclip-test.png", *FAST)
     assert result.exit_code != 0 and "Traceback" not in result.output and "/proc" in result.output
     assert len(result.output.strip().splitlines()) == 1
+
+
+def test_compile_flag_compiles_the_pipeline(tiny_model_dir, tmp_path, monkeypatch):
+    # the compiled result itself is tested in test_pipeline.py; here: the flag reaches pipe.compile, once
+    from unclip import UnCLIPPipeline
+
+    calls = []
+    monkeypatch.setattr(UnCLIPPipeline, "compile", lambda self, freeze=True: calls.append(freeze) or self)
+    result = run("generate", "a red circle", "--model", tiny_model_dir, "-o", tmp_path / "c.png", "--compile", *FAST)
+    assert result.exit_code == 0, result.output
+    assert calls == [True] and (tmp_path / "c.png").exists()
+    run("generate", "a red circle", "--model", tiny_model_dir, "-o", tmp_path / "d.png", *FAST)
+    assert calls == [True]
