@@ -53,6 +53,16 @@ def cold(model: str, prompt: str, rounds: int, extra: list[str]) -> dict:
     return {"command_s": statistics.median(runs), "imports_s": statistics.median(imports), "rounds": rounds}
 
 
+def median_generate(pipe, prompt: str, rounds: int, steps: dict) -> float:
+    """Median seconds of `rounds` warm `pipe.generate` calls (seeds 0, 1, ...)."""
+    times = []
+    for i in range(rounds):
+        start = time.perf_counter()
+        pipe.generate(prompt, seed=i, **steps)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
 def warm(model: str, prompt: str, rounds: int, steps: dict, compile_too: bool) -> dict:
     import numpy as np
     import torch
@@ -67,12 +77,7 @@ def warm(model: str, prompt: str, rounds: int, steps: dict, compile_too: bool) -
     for dtype in ("auto", "fp32", "bf16"):
         pipe.to(dtype=dtype)
         pipe.generate(prompt, seed=0, **steps)  # warm-up
-        times = []
-        for i in range(rounds):
-            start = time.perf_counter()
-            pipe.generate(prompt, seed=i, **steps)
-            times.append(time.perf_counter() - start)
-        out[f"generate_s_{dtype}"] = statistics.median(times)
+        out[f"generate_s_{dtype}"] = median_generate(pipe, prompt, rounds, steps)
     if compile_too:  # last: compiling is in place
         pipe.to(dtype="auto")
         eager = np.asarray(pipe.generate(prompt, seed=0, **steps).images[0], dtype=np.int16)
@@ -81,12 +86,7 @@ def warm(model: str, prompt: str, rounds: int, steps: dict, compile_too: bool) -
         first = np.asarray(pipe.generate(prompt, seed=0, **steps).images[0], dtype=np.int16)
         out["compile_s"] = time.perf_counter() - start
         out["compile_pixel_diff"] = (float(np.abs(first - eager).mean()), int(np.abs(first - eager).max()))
-        times = []
-        for i in range(rounds):
-            start = time.perf_counter()
-            pipe.generate(prompt, seed=i, **steps)
-            times.append(time.perf_counter() - start)
-        out["generate_s_compiled"] = statistics.median(times)
+        out["generate_s_compiled"] = median_generate(pipe, prompt, rounds, steps)
     return out
 
 
