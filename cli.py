@@ -476,6 +476,13 @@ def train_upsampler_cmd(model_dir, data, size, preset, aug_max, blur_prob, predi
 
 # ---------------------------------------------------------------- pipeline commands
 # PIPELINE-COMMANDS-BEGIN
+IMAGE_SAMPLERS = ["ddpm", "ddim", "dpm++", "dpm++sde", "euler", "unipc", "unclip"]  # unclip.schedulers (checked)
+STAGES = ("prior", "decoder", "upsampler")
+# unclip.pipeline.SamplingSettings' defaults (checked by a test; the CLI does not import torch to show --help)
+SAMPLING_DEFAULTS = dict(prior_sampler="ddim", prior_steps=25, prior_guidance=2.0, decoder_sampler="ddim",
+                         decoder_steps=20, decoder_guidance=3.0, upsampler_sampler="unipc", upsampler_steps=6)
+
+
 def sampling_options(fn):
     """Options of every image-making command (model, seed, per-stage samplers, steps and guidance, output)."""
     options = [
@@ -495,15 +502,17 @@ def sampling_options(fn):
         click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
                      help="Image i uses seed + i, whatever the batch."),
         # Samplers per stage
-        click.option("--sampler", default="ddim", show_default=True,
-                     type=click.Choice(["ddpm", "ddim", "dpm++", "dpm++sde", "euler", "unipc", "unclip"]),
-                     help="Sampler of every stage (unclip: Karlo's UnCLIPScheduler, for Karlo folders)."),
-        click.option("--steps-prior", type=click.IntRange(min=1, max=1000), default=25, show_default=True),
-        click.option("--steps-decoder", type=click.IntRange(min=1, max=1000), default=25, show_default=True),
-        click.option("--steps-upsampler", type=click.IntRange(min=1, max=1000), default=10, show_default=True),
-        click.option("--guidance-prior", type=float, default=2.0, show_default=True, help="Prior CFG scale."),
-        click.option("--guidance-decoder", type=float, default=3.0, show_default=True,
-                     help="Decoder CFG scale (image embedding and text)."),
+        click.option("--sampler", default=None, type=click.Choice(IMAGE_SAMPLERS),
+                     help="Sampler of every stage, in place of the per-stage ones (unclip: Karlo's "
+                          "UnCLIPScheduler, for Karlo folders)."),
+        *[click.option(f"--sampler-{stage}", type=click.Choice(IMAGE_SAMPLERS), show_default=True,
+                       default=SAMPLING_DEFAULTS[f"{stage}_sampler"]) for stage in STAGES],
+        *[click.option(f"--steps-{stage}", type=click.IntRange(min=1, max=1000), show_default=True,
+                       default=SAMPLING_DEFAULTS[f"{stage}_steps"]) for stage in STAGES],
+        click.option("--guidance-prior", type=float, default=SAMPLING_DEFAULTS["prior_guidance"], show_default=True,
+                     help="Prior CFG scale."),
+        click.option("--guidance-decoder", type=float, default=SAMPLING_DEFAULTS["decoder_guidance"],
+                     show_default=True, help="Decoder CFG scale (image embedding and text)."),
         click.option("--dynamic-threshold", type=click.FloatRange(0.5, 1.0, min_open=True), default=None,
                      help="Imagen's dynamic thresholding percentile for the decoder, e.g. 0.995."),
         click.option("--image-candidates", type=click.IntRange(min=1, max=64), default=1, show_default=True,
@@ -543,12 +552,14 @@ def pop_settings(kw: dict) -> dict:
     """Pop the sampler options into SamplingSettings fields."""
     import math
 
-    sampler = kw.pop("sampler")
-    settings = dict(prior_sampler=sampler, decoder_sampler=sampler, upsampler_sampler=sampler,
-                    prior_steps=kw.pop("steps_prior"), decoder_steps=kw.pop("steps_decoder"),
-                    upsampler_steps=kw.pop("steps_upsampler"), prior_guidance=kw.pop("guidance_prior"),
-                    decoder_guidance=kw.pop("guidance_decoder"), dynamic_threshold=kw.pop("dynamic_threshold"),
-                    image_candidates=kw.pop("image_candidates"))
+    every = kw.pop("sampler")
+    settings = {}
+    for stage in STAGES:
+        own = kw.pop(f"sampler_{stage}")
+        settings[f"{stage}_sampler"] = every or own
+        settings[f"{stage}_steps"] = kw.pop(f"steps_{stage}")
+    settings.update(prior_guidance=kw.pop("guidance_prior"), decoder_guidance=kw.pop("guidance_decoder"),
+                    dynamic_threshold=kw.pop("dynamic_threshold"), image_candidates=kw.pop("image_candidates"))
     for name in ("prior_guidance", "decoder_guidance"):
         if not math.isfinite(settings[name]):
             raise click.BadParameter(f"must be a finite number, got {settings[name]}",

@@ -3,13 +3,16 @@
 Downsamples real images to the upsampler's input size, upsamples them back (bicubic; the upsampler alone;
 the upsampler with its low frequencies matched to the input, the pipeline's default for unclip's own
 upsamplers), and prints the PSNR of each against the original. `--grid` writes those rows and the real
-images:
+images. `--samplers` also times and scores the pipeline's path (low frequencies matched) per sampler and step count,
+each from the same noise:
 
     python scripts/compare_upsampler.py --model shapes --data runs/shapes/data/test --n 64 --grid up.png
+    python scripts/compare_upsampler.py --model emoji --data data/emoji --n 400 --samplers ddim:10,unipc:5
 """
 
 import argparse
 import json
+import time
 from pathlib import Path
 
 import torch
@@ -29,6 +32,7 @@ def main(argv=None):
     parser.add_argument("--data", type=Path, required=True, help="held-out images (a folder of pairs)")
     parser.add_argument("--n", type=int, default=64)
     parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--samplers", default=None, help="SAMPLER:STEPS,... to compare on the pipeline's path")
     parser.add_argument("--grid", type=Path, default=None,
                         help="write a PNG: 8 columns, rows bicubic, upsampler alone, matched, real")
     args = parser.parse_args(argv)
@@ -48,6 +52,16 @@ def main(argv=None):
     report = {"model": args.model, "prediction_type": up.config.prediction_type, "n": len(rows),
               "steps": args.steps, "psnr_db": {"bicubic": psnr(bicubic, real),
                                                **{k: psnr(v, real) for k, v in outputs.items()}}}
+    if args.samplers:
+        report["samplers"] = {}
+        for item in args.samplers.split(","):
+            sampler, _, steps = item.strip().partition(":")
+            start = time.perf_counter()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=pipe.dtype == torch.bfloat16):
+                out = upsample(up, low, scheduler=sampler, num_steps=int(steps), progress=False,
+                               generator=torch.Generator().manual_seed(0)).float()
+            report["samplers"][item.strip()] = {"psnr_db": psnr(out, real), "s_per_image": (time.perf_counter() - start)
+                                                / len(rows)}
     print(json.dumps(report, indent=2))
     if args.grid:
         k = min(8, len(rows))

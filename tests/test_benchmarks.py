@@ -36,3 +36,26 @@ def test_update_section_keeps_other_sections(tmp_path):
     text = path.read_text()
     assert "again" in text and "second" in text and "first" not in text
     assert text.count("<!-- BEGIN a -->") == 1
+
+
+def test_quality_vs_steps_per_stage_configs(tiny_model_dir, tmp_path):
+    import quality_vs_steps
+
+    from unclip.data.shapes import build_shapes
+
+    configs = quality_vs_steps.parse_configs("ddim:3/upsampler=ddim:2,dpm++:2", ["decoder"])
+    assert configs == [("ddim:3/upsampler=ddim:2", {"decoder_sampler": "ddim", "decoder_steps": 3,
+                                                     "upsampler_sampler": "ddim", "upsampler_steps": 2}),
+                       ("dpm++:2", {"decoder_sampler": "dpm++", "decoder_steps": 2})]
+    build_shapes(tmp_path / "shapes", 40, seed=0, test_fraction=0.25, progress=False)
+    for score, flag in (("shapes oracle", "--shapes"), ("R-precision top-5", "--no-shapes")):
+        md = tmp_path / f"{flag}.md"
+        proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "quality_vs_steps.py"), "--model",
+                               str(tiny_model_dir), "--data", str(tmp_path / "shapes" / "test"), "--n", "6",
+                               "--stages", "decoder", "--configs", "ddim:3/upsampler=ddim:2,dpm++:2", flag,
+                               "--batch-size", "3", "--markdown", str(md)], capture_output=True, text=True, cwd=ROOT,
+                              timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        table = md.read_text()
+        assert "| ddim:3/upsampler=ddim:2 |" in table and "| dpm++:2 |" in table and "±" in table
+        assert f"{score} vs reference (paired)" in table

@@ -118,3 +118,26 @@ def test_compile_flag_compiles_the_pipeline(tiny_model_dir, tmp_path, monkeypatc
     assert calls == [True] and (tmp_path / "c.png").exists()
     run("generate", "a red circle", "--model", tiny_model_dir, "-o", tmp_path / "d.png", *FAST)
     assert calls == [True]
+
+
+def test_sampler_options_default_to_the_pipelines_and_set_each_stage(tiny_model_dir, tmp_path):
+    from unclip.pipeline import SamplingSettings
+    from unclip.schedulers import scheduler_names
+
+    defaults = SamplingSettings()
+    assert cli.SAMPLING_DEFAULTS == {name: getattr(defaults, name) for name in cli.SAMPLING_DEFAULTS}
+    assert set(cli.IMAGE_SAMPLERS) <= set(scheduler_names())
+
+    def settings(name, *args):
+        result = run("generate", "a red circle", "--model", tiny_model_dir, "-o", tmp_path / name, *args, *FAST)
+        assert result.exit_code == 0, result.output
+        return json.loads(Image.open(tmp_path / name).text["unclip"])["settings"]
+
+    assert [settings("a.png")[f"{s}_sampler"] for s in cli.STAGES] == [defaults.prior_sampler,
+                                                                          defaults.decoder_sampler,
+                                                                          defaults.upsampler_sampler]
+    own = settings("b.png", "--sampler-decoder", "dpm++", "--sampler-upsampler", "ddpm")
+    assert (own["prior_sampler"], own["decoder_sampler"], own["upsampler_sampler"]) == (defaults.prior_sampler,
+                                                                                "dpm++", "ddpm")
+    every = settings("c.png", "--sampler", "euler", "--sampler-decoder", "dpm++")
+    assert {every[f"{s}_sampler"] for s in cli.STAGES} == {"euler"}

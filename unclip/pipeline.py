@@ -43,14 +43,16 @@ class SamplingSettings:
     prior_steps: int = 25
     prior_guidance: float = 2.0           # measured best for cos(pred, true) on shapes (1-2 > 4)
     candidates: int = 2                   # prior samples per prompt; keep the one closest to the text
+    # 20 DDIM decoder steps match 25 on the shapes oracle, the emoji R-precision and the CLIP-space FD; UniPC and
+    # DPM-Solver++ at 15-20 steps lose 2-4 points of emoji R-precision (docs/BENCHMARKS.md, "Default samplers")
     decoder_sampler: str = "ddim"
-    decoder_steps: int = 25
+    decoder_steps: int = 20
     decoder_guidance: float = 3.0         # image-embedding guidance
     text_guidance: float | None = None    # text guidance (None: the same as decoder_guidance)
     eta: float | None = None              # DDIM eta (0: deterministic)
     dynamic_threshold: float | None = None  # Imagen's dynamic thresholding percentile, e.g. 0.995
-    upsampler_sampler: str = "ddim"
-    upsampler_steps: int = 10
+    upsampler_sampler: str = "unipc"      # UniPC (Zhao et al. 2023): 6 steps match 10 DDIM steps (PSNR, FD)
+    upsampler_steps: int = 6
     aug_level: float = 0.0                # noise-augmentation level given to the upsamplers
     image_candidates: int = 1             # decoder samples per image; keep the one CLIP ranks closest to the text
 
