@@ -10,10 +10,10 @@ one image per test caption (caption i seeded with seed + i, so every configurati
 seeds), the seconds per image, the Fréchet distance between CLIP image embeddings of the generated and the real
 test images (`unclip.eval.metrics.frechet_distance`) and a per-caption score: on shapes data the oracle
 (`unclip.eval.shapes`), elsewhere CLIP R-precision top-5 (the caption among the model's CLIP's five nearest of all
-test captions to the image); with its paired difference to the reference (same prompts and seeds; ± one standard error of that difference). A
-configuration "matches" the reference (the first one, 50-step DDIM by default) when its score is within
-one binomial standard error and its FD within --fd-tolerance of the reference's. Writes the "quality" section of
-docs/BENCHMARKS.md.
+test captions to the image), with its paired difference to the reference (same prompts and seeds; ± one standard
+error of that difference). A configuration "matches" the reference (the first one, 50-step DDIM by default) when
+its score is within one binomial standard error and its FD within --fd-tolerance of the reference's. Writes the
+"quality" section of docs/BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -71,11 +71,12 @@ def evaluate_config(pipe, captions, real_emb, label: str, settings: dict, args) 
 
         out["correct"] = [bool(check(detect_objects(im), parse_caption(c))) for im, c in zip(images, captions)]
     else:
+        from unclip.eval.metrics import caption_ranks
+
         unique = sorted(set(captions))
         with torch.inference_mode():
-            sim = gen_emb @ pipe.clip.encode_text(unique)[0].cpu().T                        # [N, C]
-        own = sim[torch.arange(len(captions)), [unique.index(c) for c in captions]]
-        out["correct"] = ((sim > own[:, None]).sum(1) < 5).tolist()
+            text_emb = pipe.clip.encode_text(unique)[0].cpu()
+        out["correct"] = (caption_ranks(gen_emb, text_emb, [unique.index(c) for c in captions]) < 5).tolist()
     out["score"] = sum(out["correct"]) / len(images)
     return out
 
@@ -89,8 +90,7 @@ def pipeline_defaults() -> str:
 
 def paired_difference(result: dict, ref: dict) -> str:
     """Score difference to the reference on the same prompts and seeds, ± one standard error."""
-    pairs = list(zip(result["correct"], ref["correct"]))
-    diff = [float(a) - float(b) for a, b in pairs]
+    diff = [float(a) - float(b) for a, b in zip(result["correct"], ref["correct"])]
     mean = sum(diff) / len(diff)
     se = math.sqrt(sum((d - mean) ** 2 for d in diff) / max(len(diff) - 1, 1) / len(diff))
     return f"{mean:+.3f} ± {se:.3f}"
@@ -149,8 +149,8 @@ def main() -> None:
     for label, settings in parse_configs(args.configs, args.stages):
         res = evaluate_config(pipe, captions, real_emb, label, settings, args)
         results.append(res)
-        print(f"{label}  {res['s_per_image']:.3f} s/image  FD {res['fd']:.4g}"
-              + f"  score {res['score']:.3f}", file=sys.stderr, flush=True)
+        print(f"{label}  {res['s_per_image']:.3f} s/image  FD {res['fd']:.4g}  score {res['score']:.3f}",
+              file=sys.stderr, flush=True)
     ref = results[0]
     metric = "shapes oracle" if args.shapes else "R-precision top-5"
     rows = [[r["config"], f"{r['s_per_image']:.3f}", f"{ref['s_per_image'] / r['s_per_image']:.2f}x",

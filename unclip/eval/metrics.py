@@ -34,10 +34,15 @@ def r_precision(image_emb: torch.Tensor, text_emb: torch.Tensor, target: Sequenc
         image_emb: [N, D] embeddings of generated images; text_emb: [C, D] all candidate captions;
         target: [N] index of each image's own caption in text_emb.
     """
+    rank = caption_ranks(image_emb, text_emb, target)
+    return {f"top{k}": float((rank < k).float().mean()) for k in ks}
+
+
+def caption_ranks(image_emb: torch.Tensor, text_emb: torch.Tensor, target: Sequence[int]) -> torch.Tensor:
+    """[N] rank of each image's own caption among all candidates by cosine similarity (0 = best)."""
     sims = F.normalize(image_emb.float(), dim=-1) @ F.normalize(text_emb.float(), dim=-1).T  # [N, C]
     target_sim = sims[torch.arange(len(target)), torch.as_tensor(target)]
-    rank = (sims > target_sim[:, None]).sum(dim=1)  # 0 = best
-    return {f"top{k}": float((rank < k).float().mean()) for k in ks}
+    return (sims > target_sim[:, None]).sum(dim=1)
 
 
 def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
