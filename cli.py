@@ -417,13 +417,16 @@ def _given(**fields) -> dict:
                    "[default: the preset's, clip].")
 @click.option("--position-channels/--no-position-channels", default=None,
               help="Give the UNet two pixel-coordinate input channels (CoordConv) [default: the preset's, off].")
+@click.option("--image-map-channels", type=click.IntRange(min=0), default=None,
+              help="Also feed the UNet a coarse map (8x8, this many channels) projected from the image embedding: "
+                   "a direct path from the embedding to the layout [default: the preset's, 0 (off)].")
 @click.option("--init-from", type=click.Path(exists=True, file_okay=False), default=None,
               help="Start from this decoder folder's weights (fine-tuning) instead of a fresh initialisation; "
                    "adding position channels to it is allowed.")
 @train_options
 @friendly_errors
-def train_decoder_cmd(model_dir, data, preset, text_drop, image_drop, text_encoder, position_channels, init_from,
-                      prediction, min_snr, sample_every, sample_steps, heldout, resume, run_dir, quiet, **kw):
+def train_decoder_cmd(model_dir, data, preset, text_drop, image_drop, text_encoder, position_channels,
+                      image_map_channels, init_from, prediction, min_snr, sample_every, sample_steps, heldout, resume, run_dir, quiet, **kw):
     """Train the decoder: CLIP image embedding (+ caption tokens) -> base image.
 
     \b
@@ -437,7 +440,8 @@ def train_decoder_cmd(model_dir, data, preset, text_drop, image_drop, text_encod
 
     config = decoder_preset(preset, **_given(text_drop_prob=text_drop, image_drop_prob=image_drop,
                                              text_encoder=text_encoder, prediction_type=prediction,
-                                             min_snr_gamma=min_snr, position_channels=position_channels))
+                                             min_snr_gamma=min_snr, position_channels=position_channels,
+                                             image_map_channels=image_map_channels))
     train_decoder(model_dir, data, train_config=make_train_config(kw, sample_every=sample_every), config=config,
                   run_dir=run_dir, resume=resume, heldout=heldout, sample_steps=sample_steps, progress=not quiet,
                   init_from=init_from)
@@ -480,7 +484,8 @@ IMAGE_SAMPLERS = ["ddpm", "ddim", "dpm++", "dpm++sde", "euler", "unipc", "unclip
 STAGES = ("prior", "decoder", "upsampler")
 # unclip.pipeline.SamplingSettings' defaults (checked by a test; the CLI does not import torch to show --help)
 SAMPLING_DEFAULTS = dict(prior_sampler="ddim", prior_steps=25, prior_guidance=2.0, decoder_sampler="ddim",
-                         decoder_steps=20, decoder_guidance=3.0, upsampler_sampler="unipc", upsampler_steps=6)
+                         decoder_steps=20, decoder_guidance=3.0, decoder_guidance_interval=(0.3, 0.7),
+                         upsampler_sampler="unipc", upsampler_steps=6)
 
 
 def sampling_options(fn):
@@ -513,6 +518,10 @@ def sampling_options(fn):
                      help="Prior CFG scale."),
         click.option("--guidance-decoder", type=float, default=SAMPLING_DEFAULTS["decoder_guidance"],
                      show_default=True, help="Decoder CFG scale (image embedding and text)."),
+        click.option("--guidance-interval-decoder", type=click.FloatRange(0, 1), nargs=2, show_default=True,
+                     default=SAMPLING_DEFAULTS["decoder_guidance_interval"], metavar="LOW HIGH",
+                     help="Guide the decoder only at noise levels t/T in [LOW, HIGH]; other steps take one "
+                          "unguided forward (cheaper)."),
         click.option("--dynamic-threshold", type=click.FloatRange(0.5, 1.0, min_open=True), default=None,
                      help="Imagen's dynamic thresholding percentile for the decoder, e.g. 0.995."),
         click.option("--image-candidates", type=click.IntRange(min=1, max=64), default=1, show_default=True,
@@ -559,6 +568,7 @@ def pop_settings(kw: dict) -> dict:
         settings[f"{stage}_sampler"] = every or own
         settings[f"{stage}_steps"] = kw.pop(f"steps_{stage}")
     settings.update(prior_guidance=kw.pop("guidance_prior"), decoder_guidance=kw.pop("guidance_decoder"),
+                    decoder_guidance_interval=kw.pop("guidance_interval_decoder"),
                     dynamic_threshold=kw.pop("dynamic_threshold"), image_candidates=kw.pop("image_candidates"))
     for name in ("prior_guidance", "decoder_guidance"):
         if not math.isfinite(settings[name]):
@@ -671,7 +681,9 @@ def settings_from_png(path: str, kw: dict):
         meta = json.loads(raw)
         if isinstance(meta, list) or meta.get("command") != "generate":
             raise click.ClickException(f"{path} was not written by `unclip generate` for a single image")
-        settings = config_to_dict(config_from_dict(SamplingSettings, meta["settings"]))
+        # PNGs from before the guidance interval (2026-12-02) were guided at every decoder step
+        settings = config_to_dict(config_from_dict(SamplingSettings, {"decoder_guidance_interval": (0.0, 1.0),
+                                                                      **meta["settings"]}))
         seed, prompt = int(meta["seed"]), str(meta["prompt"])
     except (ValueError, KeyError, TypeError, AttributeError) as error:
         raise click.ClickException(f"{path}: damaged unclip settings ({error.__class__.__name__}: {error}); "

@@ -5,7 +5,8 @@
         --configs "ddim:25/upsampler=ddim:10,unipc:15"      # decoder (and upsampler) samplers only
 
 Each configuration is SAMPLER:STEPS for the --stages (default: the prior and the decoder), optionally followed
-by /STAGE=SAMPLER:STEPS parts for single stages; stages it does not name keep the pipeline's defaults. For each:
+by /STAGE=SAMPLER:STEPS parts for single stages (stages it does not name keep the pipeline's defaults) and a
+/guide=LOW-HIGH part for the decoder's guidance interval (t / T; e.g. ddim:20/guide=0.3-1). For each:
 one image per test caption (caption i seeded with seed + i, so every configuration sees the same prompts and
 seeds), the seconds per image, the Fréchet distance between CLIP image embeddings of the generated and the real
 test images (`unclip.eval.metrics.frechet_distance`) and a per-caption score: on shapes data the oracle
@@ -43,9 +44,17 @@ def parse_configs(text: str, stages: list[str]) -> list[tuple[str, dict]]:
         settings = {}
         for part in item.strip().split("/"):
             stage, _, spec = part.rpartition("=")
+            if stage == "guide":  # the decoder's guidance interval, LOW-HIGH in t / T
+                low, _, high = spec.partition("-")
+                try:
+                    settings["decoder_guidance_interval"] = (float(low), float(high))
+                except ValueError:
+                    raise SystemExit(f"--configs: guide=LOW-HIGH takes two numbers, got {part!r}") from None
+                continue
             sampler, _, steps = spec.partition(":")
             if not steps.isdigit() or (stage and stage not in STAGES):
-                raise SystemExit(f"--configs items are SAMPLER:STEPS[/STAGE=SAMPLER:STEPS...], got {item!r}")
+                raise SystemExit(f"--configs items are SAMPLER:STEPS[/STAGE=SAMPLER:STEPS...][/guide=LOW-HIGH], "
+                                 f"got {item!r}")
             for name in ([stage] if stage else stages):
                 settings.update({f"{name}_sampler": sampler, f"{name}_steps": int(steps)})
         out.append((item.strip(), settings))

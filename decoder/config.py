@@ -19,6 +19,10 @@ class DecoderConfig:
     position_channels: bool = False                      # give the UNet x_t plus 2 pixel-coordinate channels
                                                          # (CoordConv): where an object goes can then depend
                                                          # on the condition (docs/MODELS.md)
+    image_map_channels: int = 0                          # > 0: image_emb is also projected to a coarse map
+                                                         # [c, g, g], upsampled and fed with x_t to the UNet's
+                                                         # input, a direct path from the embedding to the layout
+    image_map_size: int = 8                              # g, side of that map (image_size must divide by it)
     block_out_channels: tuple[int, ...] = (32, 64, 128)  # UNet width per resolution level
     layers_per_block: int = 2                            # residual blocks per level
     attention_levels: tuple[bool, ...] = (False, True, True)  # which levels attend to the context tokens
@@ -45,6 +49,9 @@ class DecoderConfig:
 
     def __post_init__(self):
         _check_common(self, "DecoderConfig")
+        if self.image_map_channels < 0 or self.image_map_size < 1 or self.image_size % self.image_map_size:
+            raise ValueError(f"DecoderConfig: image_map_channels ({self.image_map_channels}) must be >= 0 and "
+                             f"image_size ({self.image_size}) must divide by image_map_size ({self.image_map_size})")
         if self.cross_attention_dim < 1 or self.num_image_tokens < 0:
             raise ValueError("DecoderConfig: cross_attention_dim must be >= 1 and num_image_tokens >= 0")
         for name in ("image_drop_prob", "text_drop_prob"):

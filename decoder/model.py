@@ -68,12 +68,14 @@ class TextTransformer(nn.Module):
 
 
 class ImageTextEmbedder(nn.Module):
-    """image_emb + text tokens -> (context tokens [B, K + L, C], their mask, time-embedding offset [B, T]).
+    """image_emb + text tokens -> (context tokens [B, K + L, C], their mask, time-embedding offset [B, T],
+    image map [B, M, S, S] or None).
 
     Holds the classifier-free guidance dropout: image_emb is replaced by a learned null embedding with
     probability image_drop_prob and the text tokens by learned null tokens with probability text_drop_prob.
     Names and shapes follow diffusers' UnCLIPTextProjModel, except `embedding_proj`, which reads the final
     text-token state [W] (GLIDE) instead of the projected CLIP text embedding [D]: the same shape when W == D.
+    `image_map` (image_map_channels > 0) is this project's own.
     """
 
     def __init__(self, config: DecoderConfig, time_embed_dim: int):
@@ -89,6 +91,9 @@ class ImageTextEmbedder(nn.Module):
         self.clip_extra_context_tokens_proj = nn.Linear(D, K * C)
         self.encoder_hidden_states_proj = nn.Linear(W, C)
         self.text_encoder_hidden_states_norm = nn.LayerNorm(C)
+        M, G = config.image_map_channels, config.image_map_size
+        self.image_map = nn.Linear(D, M * G * G) if M else None  # image_emb [D] -> coarse map [M, G, G]
+        self.image_map_shape, self.image_size = (M, G, G), config.image_size
 
     def token_drop(self, image_emb, text_tokens, mask, force_drop_image=None, force_drop_text=None):
         """Replace dropped image_emb / text tokens by the learned null ones; null tokens are all attended."""
@@ -118,7 +123,12 @@ class ImageTextEmbedder(nn.Module):
         text = self.text_encoder_hidden_states_norm(self.encoder_hidden_states_proj(text_tokens))  # [B, L, C]
         context = torch.cat([extra, text], dim=1)                                         # [B, K + L, C]
         context_mask = F.pad(mask, (self.num_image_tokens, 0), value=True)                # [B, K + L]
-        return context, context_mask, time_offset
+        image_map = None
+        if self.image_map is not None:
+            # A linear map from the embedding to a layout: where a CLIP direction puts ink is one weight per cell
+            image_map = self.image_map(image_emb).reshape(B, *self.image_map_shape)          # [B, M, G, G]
+            image_map = F.interpolate(image_map, size=self.image_size, mode="nearest")       # [B, M, S, S]
+        return context, context_mask, time_offset, image_map
 
 
 def decoder_text(clip, config: DecoderConfig, prompts) -> tuple[torch.Tensor, torch.Tensor]:
@@ -151,7 +161,7 @@ def unet_kwargs(config: DecoderConfig) -> dict:
     """UNet2DConditionModel arguments: GLIDE/Karlo-style blocks; class_labels add to the time embedding."""
     down = ["SimpleCrossAttnDownBlock2D" if a else "ResnetDownsampleBlock2D" for a in config.attention_levels]
     up = ["SimpleCrossAttnUpBlock2D" if a else "ResnetUpsampleBlock2D" for a in reversed(config.attention_levels)]
-    in_channels = config.in_channels + (2 if config.position_channels else 0)
+    in_channels = config.in_channels + (2 if config.position_channels else 0) + config.image_map_channels
     return dict(sample_size=config.image_size, in_channels=in_channels, out_channels=config.out_channels,
                 block_out_channels=tuple(config.block_out_channels), layers_per_block=config.layers_per_block,
                 down_block_types=tuple(down), up_block_types=tuple(up),
@@ -240,14 +250,16 @@ class Decoder(nn.Module):
             self._check_text(B, text_tokens, mask)
             if self.text_encoder is not None:
                 text_tokens = self.text_encoder(text_tokens)                 # ids [B, L] -> states [B, L, W]
-        context, context_mask, time_offset = self.text_proj(image_emb, text_tokens, mask, force_drop_image,
-                                                            force_drop_text)
+        context, context_mask, time_offset, image_map = self.text_proj(image_emb, text_tokens, mask,
+                                                                       force_drop_image, force_drop_text)
 
         def network(x_t, t):
             self._check(x_t, B)
             t = torch.as_tensor(t, device=x_t.device).reshape(-1).expand(B)  # [B]
             if self.config.position_channels:
                 x_t = torch.cat([x_t, position_channels(x_t)], dim=1)         # [B, 3, S, S] -> [B, 5, S, S]
+            if image_map is not None:
+                x_t = torch.cat([x_t, image_map.to(x_t.dtype)], dim=1)        # [B, ., S, S] -> [B, . + M, S, S]
             # class_embed_type="identity": emb = time_embedding(t) + time_offset. Karlo passes the context mask
             # as `attention_mask` for SimpleCrossAttn blocks (image tokens pass unmasked).
             return self.unet(x_t, t, encoder_hidden_states=context, class_labels=time_offset,

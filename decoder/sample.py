@@ -40,7 +40,8 @@ def initial_noise(shape: tuple, latents: torch.Tensor | None, generator, device)
 
 @torch.inference_mode()
 def sample_decoder(model, image_emb, text_tokens, mask, *, scheduler="ddim", num_steps: int = 25,
-                   guidance_scale: float = 3.0, text_guidance_scale: float | None = None, eta: float | None = None,
+                   guidance_scale: float = 3.0, text_guidance_scale: float | None = None,
+                   guidance_interval: tuple[float, float] = (0.0, 1.0), eta: float | None = None,
                    dynamic_threshold: float | None = None, generator: torch.Generator | None = None,
                    latents: torch.Tensor | None = None, prior_free: bool = False, progress: bool = True) -> dict:
     """image_emb [B, D] (None when prior_free), text_tokens [B, L, W] (token ids [B, L] for a decoder with its
@@ -48,7 +49,8 @@ def sample_decoder(model, image_emb, text_tokens, mask, *, scheduler="ddim", num
 
     Guidance over [null, image only, image + text]: pred = p_null + guidance_scale * (p_image - p_null)
     + text_guidance_scale * (p_image_text - p_image). prior_free nulls the image embedding: [null, text only];
-    without text tokens it is [null, image only].
+    without text tokens it is [null, image only]. guidance_interval (low, high), fractions of the training
+    noise schedule: steps with t / num_train_timesteps outside [low, high] take the image + text branch alone.
     """
     c = model.config
     if image_emb is None and (not prior_free or text_tokens is None):
@@ -71,7 +73,13 @@ def sample_decoder(model, image_emb, text_tokens, mask, *, scheduler="ddim", num
                  {**cond, "force_drop_image": no, "force_drop_text": no}]
         scales = [guidance_scale, text_guidance_scale]
     x_T = initial_noise((B, c.out_channels, c.image_size, c.image_size), latents, generator, device)
-    model_fn = guided(model, conds, scales, guide_channels=c.out_channels)  # extra channels: learned variance
+    lo, hi = guidance_interval
+    if not 0.0 <= lo <= hi <= 1.0:
+        raise ValueError(f"guidance interval must be (low, high) with 0 <= low <= high <= 1, got {guidance_interval}")
+    T = c.num_train_timesteps
+    interval = None if (lo, hi) == (0.0, 1.0) else (lo * T, hi * T)
+    model_fn = guided(model, conds, scales, guide_channels=c.out_channels,  # extra channels: learned variance
+                      interval=interval)
     x_0 = denoise(model_fn, x_T, make_stage_scheduler(scheduler, c, dynamic_threshold),
                   num_steps, generator=generator, eta=eta, progress=progress, desc="decoder")
     return {"images": x_0.clamp(-1, 1), "latents": x_T}

@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
@@ -47,6 +49,10 @@ def test_quality_vs_steps_per_stage_configs(tiny_model_dir, tmp_path):
     assert configs == [("ddim:3/upsampler=ddim:2", {"decoder_sampler": "ddim", "decoder_steps": 3,
                                                      "upsampler_sampler": "ddim", "upsampler_steps": 2}),
                        ("dpm++:2", {"decoder_sampler": "dpm++", "decoder_steps": 2})]
+    assert quality_vs_steps.parse_configs("ddim:3/guide=0.3-1", ["decoder"])[0][1] == {
+        "decoder_sampler": "ddim", "decoder_steps": 3, "decoder_guidance_interval": (0.3, 1.0)}
+    with pytest.raises(SystemExit, match="guide=LOW-HIGH"):
+        quality_vs_steps.parse_configs("ddim:3/guide=0.3", ["decoder"])
     build_shapes(tmp_path / "shapes", 40, seed=0, test_fraction=0.25, progress=False)
     for score, flag in (("shapes oracle", "--shapes"), ("R-precision top-5", "--no-shapes")):
         md = tmp_path / f"{flag}.md"

@@ -36,6 +36,28 @@ def test_generate_png_provenance_and_from_png(tiny_model_dir, tmp_path):
     result = run("generate", "--from-png", out, "-o", again, "--quiet")
     assert result.exit_code == 0, result.output
     assert np.array_equal(np.asarray(Image.open(out)), np.asarray(Image.open(again)))
+    # a PNG written before the guidance interval existed was guided at every step, and is re-created so
+    old = tmp_path / "old.png"
+    result = run("generate", "a red circle", "--model", tiny_model_dir, "--seed", 7, "--guidance-interval-decoder",
+                 0, 1, "-o", old, *FAST)
+    assert result.exit_code == 0, result.output
+    meta = json.loads(Image.open(old).text["unclip"])
+    del meta["settings"]["decoder_guidance_interval"]
+    Image.open(old).save(old, pnginfo=_text_chunks({"unclip": json.dumps(meta)}))
+    result = run("generate", "--from-png", old, "-o", tmp_path / "old-again.png", "--quiet")
+    assert result.exit_code == 0, result.output
+    assert np.array_equal(np.asarray(Image.open(old)), np.asarray(Image.open(tmp_path / "old-again.png")))
+    assert json.loads(Image.open(tmp_path / "old-again.png").text["unclip"])["settings"][
+        "decoder_guidance_interval"] == [0.0, 1.0]
+
+
+def _text_chunks(texts: dict):
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    for key, value in texts.items():
+        info.add_text(key, value)
+    return info
 
 
 def test_generate_folder_grid_and_determinism(tiny_model_dir, tmp_path):
@@ -77,6 +99,8 @@ BAD = [
     (["generate", "a red circle", "--model", "{model}", "--steps-decoder", "0"], "steps-decoder"),
     (["generate", "a red circle", "--model", "{model}", "--guidance-decoder", "nan"], "finite"),
     (["generate", "a red circle", "--model", "{model}", "--guidance-prior", "inf"], "finite"),
+    (["generate", "a red circle", "--model", "{model}", "--guidance-interval-decoder", "0.8", "0.2"],
+     "guidance interval"),
     (["generate", "a red circle", "--model", "{model}", "--sampler", "magic"], "magic"),
     (["generate", "a red circle", "--model", "{model}", "-o", "{tmp}/file.txt/x.png"], "is a file"),
     (["generate", "--from-png", "{tmp}/plain.png", "--model", "{model}"], "carries no unclip settings"),
@@ -139,5 +163,6 @@ def test_sampler_options_default_to_the_pipelines_and_set_each_stage(tiny_model_
     own = settings("b.png", "--sampler-decoder", "dpm++", "--sampler-upsampler", "ddpm")
     assert (own["prior_sampler"], own["decoder_sampler"], own["upsampler_sampler"]) == (defaults.prior_sampler,
                                                                                 "dpm++", "ddpm")
+    assert settings("d.png", "--guidance-interval-decoder", "0.3", "1")["decoder_guidance_interval"] == [0.3, 1.0]
     every = settings("c.png", "--sampler", "euler", "--sampler-decoder", "dpm++")
     assert {every[f"{s}_sampler"] for s in cli.STAGES} == {"euler"}

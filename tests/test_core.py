@@ -125,6 +125,21 @@ def test_guided_combines_branches_in_one_batch():
         make_scheduler("nope")
 
 
+def test_guided_in_an_interval_runs_the_conditioned_branch_alone_outside_it():
+    calls = []
+
+    def model(x, t, c):
+        calls.append(x.shape[0])
+        return torch.zeros_like(x) + c[:, None]
+
+    model_fn = guided(model, [{"c": torch.zeros(2)}, {"c": torch.ones(2)}], [3.0], interval=(300, 700))
+    inside, low, high = (model_fn(torch.zeros(2, 1), torch.tensor(t)) for t in (500, 100, 900))
+    assert torch.allclose(inside, torch.full((2, 1), 3.0)) and calls == [4, 2, 2]
+    assert torch.allclose(low, torch.ones(2, 1)) and torch.allclose(high, torch.ones(2, 1))  # scale 1 there
+    with pytest.raises(ValueError, match="low <= high"):
+        guided(model, [{"c": torch.zeros(2)}, {"c": torch.ones(2)}], [3.0], interval=(700, 300))
+
+
 def test_guided_prepares_the_condition_once():
     """A model with prepare_condition encodes the batched condition once for the whole loop."""
     class Prepared:

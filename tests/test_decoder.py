@@ -263,6 +263,17 @@ def test_latents_fix_the_sample_and_guidance_branches(decoder):
     other = sample_decoder(decoder, **c, num_steps=2, latents=first["latents"], text_guidance_scale=0.0,
                            progress=False)
     assert not torch.allclose(first["images"], other["images"])
+    # guidance only where t / T >= 0.5: of the 2 DDIM steps (t = 500, 0) the last one runs unguided
+    half = sample_decoder(decoder, **c, num_steps=2, latents=first["latents"], guidance_interval=(0.5, 1.0),
+                          progress=False)
+    assert not torch.allclose(first["images"], half["images"])
+    unguided = sample_decoder(decoder, **c, num_steps=2, latents=first["latents"], guidance_interval=(0.9, 0.95),
+                              progress=False)
+    scale_one = sample_decoder(decoder, **c, num_steps=2, latents=first["latents"], guidance_scale=1.0,
+                               progress=False)
+    torch.testing.assert_close(unguided["images"], scale_one["images"])  # no step lies in [900, 950]
+    with pytest.raises(ValueError, match="guidance interval"):
+        sample_decoder(decoder, **c, num_steps=2, guidance_interval=(0.6, 0.2), progress=False)
     no_text = sample_decoder(decoder, c["image_emb"], None, None, num_steps=2, latents=first["latents"],
                              progress=False)
     assert no_text["images"].shape == (2, 3, S, S)
@@ -406,6 +417,29 @@ def test_position_channels_are_pixel_centres():
     assert torch.equal(grid[0, 0, 0], grid[0, 0, 3]) and torch.equal(grid[0], grid[1])
 
 
+def test_image_map_feeds_a_coarse_layout_of_the_embedding():
+    torch.manual_seed(0)
+    model = perturbed(Decoder(tiny_decoder_config(image_map_channels=2, image_map_size=4))).eval()
+    seen = []
+    model.unet.conv_in.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    x, t, c = torch.randn(B, 3, S, S), torch.full((B,), 500), cond()
+    model(x, t, **c)
+    inputs = seen[-1]                                                     # [B, 3 + 2, S, S]
+    assert inputs.shape == (B, 5, S, S) and torch.equal(inputs[:, :3], x)
+    cells = model.text_proj.image_map(c["image_emb"]).reshape(B, 2, 4, 4)  # one value per 4x4-pixel cell
+    torch.testing.assert_close(inputs[:, 3:], cells.repeat_interleave(4, 2).repeat_interleave(4, 3))
+    drop = torch.ones(B, dtype=torch.bool)                                # a dropped embedding: the null one's map
+    model(x, t, **c, force_drop_image=drop)
+    model(x, t, **{**c, "image_emb": cond(seed=1)["image_emb"]}, force_drop_image=drop)
+    torch.testing.assert_close(seen[-1], seen[-2])
+    model.train()
+    loss, _ = decoder_loss(model, {"image": torch.rand(B, 3, S, S) * 2 - 1, **c})
+    loss.backward()
+    assert model.text_proj.image_map.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="image_map_size"):
+        tiny_decoder_config(image_map_channels=2, image_map_size=3)
+
+
 def test_warm_start_adds_position_channels_without_changing_the_output(tmp_path):
     torch.manual_seed(0)
     source = perturbed(Decoder(tiny_decoder_config())).eval()
@@ -468,9 +502,10 @@ def test_cli_train_decoder_and_upsampler(model_dir, tmp_path):
     runner = CliRunner()
     common = ["--model", str(model_dir), "--data", str(tmp_path / "pairs"), "--steps", "1", "--batch-size", "2",
               "--sample-steps", "1", "--quiet"]
-    result = runner.invoke(main, ["train", "decoder", *common, "--text-drop", "0.3"])
+    result = runner.invoke(main, ["train", "decoder", *common, "--text-drop", "0.3", "--image-map-channels", "2"])
     assert result.exit_code == 0, result.output
-    assert Decoder.load(model_dir / "decoder").config.text_drop_prob == 0.3
+    config = Decoder.load(model_dir / "decoder").config
+    assert config.text_drop_prob == 0.3 and config.image_map_channels == 2
     result = runner.invoke(main, ["train", "decoder", *common, "--text-encoder", "transformer",
                                   "--run-dir", str(tmp_path / "run-glide")])
     assert result.exit_code == 0, result.output

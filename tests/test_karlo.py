@@ -254,8 +254,8 @@ def test_wrong_wiring_breaks_parity(ours, monkeypatch):
         diffs = differences(run_ours(ours), right)
     assert diffs["image_emb"] == 0 and diffs["decoder"] == 0 and diffs["image"] > 1e-2
     with monkeypatch.context() as m:  # the decoder guided on all 6 channels (variance too)
-        m.setattr(decoder.sample, "guided", lambda model, conds, scales, guide_channels=None:
-                  pipeline_module.guided(model, conds, scales))
+        m.setattr(decoder.sample, "guided", lambda model, conds, scales, guide_channels=None, interval=None:
+                  pipeline_module.guided(model, conds, scales, interval=interval))
         assert differences(run_ours(ours), right)["decoder"] > 1e-2
     with monkeypatch.context() as m:  # the decoder's variance ignored (scheduler setting not read)
         m.setitem(ours.decoder.config.scheduler_config, "variance_type", "fixed_small_log")

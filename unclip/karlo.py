@@ -43,6 +43,7 @@ OPEN_CLIP_MODEL = ("ViT-L-14", "openai")  # Karlo's CLIP: OpenAI's ViT-L/14, the
 # Karlo's own sampling recipe (diffusers' UnCLIPPipeline defaults): pass as `pipe.generate(prompt, **KARLO_SETTINGS)`.
 KARLO_SETTINGS = dict(prior_sampler="unclip", prior_steps=25, prior_guidance=4.0, candidates=1,
                       decoder_sampler="unclip", decoder_steps=25, decoder_guidance=8.0,
+                      decoder_guidance_interval=(0.0, 1.0),  # diffusers guides every decoder step
                       upsampler_sampler="unclip", upsampler_steps=7)
 
 

@@ -57,7 +57,7 @@ def _cat(values: Sequence):
 
 
 def guided(model: Callable, conds: Sequence[dict], scales: Sequence[float],
-           guide_channels: int | None = None) -> ModelFn:
+           guide_channels: int | None = None, interval: tuple[float, float] | None = None) -> ModelFn:
     """Classifier-free guidance (Ho & Salimans 2022) as a model_fn, all branches in one batched forward.
 
     `conds` go from least to most conditioned (e.g. [null, image only, image + text]) and
@@ -65,6 +65,8 @@ def guided(model: Callable, conds: Sequence[dict], scales: Sequence[float],
     eps_uncond + s * (eps_cond - eps_uncond). Branches that a scale of 1 or equal neighbours make
     redundant are skipped. With `guide_channels` only the first that many channels are guided; the rest (a
     learned variance) come from the most conditioned branch, as in GLIDE and diffusers' unCLIP pipeline.
+    With `interval` = (t_lo, t_hi), steps whose timestep lies outside [t_lo, t_hi] run the most conditioned
+    branch alone (guidance in a limited interval, Kynkäänniemi et al. 2024): one forward of batch B, not k*B.
 
     The condition is the same at every step, so a model with `prepare_condition(**cond)` encodes it once here:
     that returns the network for that condition as fn(x_t, t) (the prior caches its text prefix's keys and
@@ -77,13 +79,16 @@ def guided(model: Callable, conds: Sequence[dict], scales: Sequence[float],
             raise ValueError(f"guidance scale must be a finite number, got {s}")
     if guide_channels is not None and guide_channels < 1:
         raise ValueError(f"guide_channels must be at least 1, got {guide_channels}")
+    if interval is not None and not interval[0] <= interval[1]:
+        raise ValueError(f"guidance interval must be (low, high) with low <= high, got {interval}")
     conds, scales = _prune(list(conds), [float(s) for s in scales])
     k = len(conds)
-    batched = {key: _cat([c[key] for c in conds]) for key in conds[0]}
-    prepare = getattr(model, "prepare_condition", None)
-    network = prepare(**batched) if prepare is not None else lambda x_t, t: model(x_t, t, **batched)
+    network = _prepared(model, {key: _cat([c[key] for c in conds]) for key in conds[0]})
+    alone = _prepared(model, conds[-1]) if interval is not None and k > 1 else None  # outside the interval
 
     def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if alone is not None and not interval[0] <= float(t) <= interval[1]:
+            return alone(x, torch.as_tensor(t, device=x.device).reshape(-1).expand(x.shape[0]))
         t = torch.as_tensor(t, device=x.device).reshape(-1).expand(x.shape[0] * k)
         preds = network(torch.cat([x] * k), t).chunk(k)  # k x [B, ...]
         c = guide_channels if guide_channels is not None else preds[0].shape[1]
@@ -93,6 +98,12 @@ def guided(model: Callable, conds: Sequence[dict], scales: Sequence[float],
         return torch.cat([out, preds[-1][:, c:]], dim=1) if preds[-1].shape[1] > c else out
 
     return model_fn
+
+
+def _prepared(model: Callable, cond: dict) -> ModelFn:
+    """The network for one (batched) condition: prepared once where the model can, else called with it."""
+    prepare = getattr(model, "prepare_condition", None)
+    return prepare(**cond) if prepare is not None else lambda x_t, t: model(x_t, t, **cond)
 
 
 def _prune(conds: list, scales: list[float]) -> tuple[list, list[float]]:
