@@ -38,6 +38,14 @@ def initial_noise(shape: tuple, latents: torch.Tensor | None, generator, device)
     return latents.to(device, torch.float32)
 
 
+def check_guidance_interval(interval) -> tuple[float, float]:
+    """(low, high) as floats with 0 <= low <= high <= 1 (fractions of the training noise schedule), or ValueError."""
+    values = tuple(float(v) for v in interval)
+    if len(values) != 2 or not 0.0 <= values[0] <= values[1] <= 1.0:
+        raise ValueError(f"guidance interval must be (low, high) with 0 <= low <= high <= 1, got {tuple(interval)}")
+    return values
+
+
 @torch.inference_mode()
 def sample_decoder(model, image_emb, text_tokens, mask, *, scheduler="ddim", num_steps: int = 25,
                    guidance_scale: float = 3.0, text_guidance_scale: float | None = None,
@@ -73,9 +81,7 @@ def sample_decoder(model, image_emb, text_tokens, mask, *, scheduler="ddim", num
                  {**cond, "force_drop_image": no, "force_drop_text": no}]
         scales = [guidance_scale, text_guidance_scale]
     x_T = initial_noise((B, c.out_channels, c.image_size, c.image_size), latents, generator, device)
-    lo, hi = guidance_interval
-    if not 0.0 <= lo <= hi <= 1.0:
-        raise ValueError(f"guidance interval must be (low, high) with 0 <= low <= high <= 1, got {guidance_interval}")
+    lo, hi = check_guidance_interval(guidance_interval)
     T = c.num_train_timesteps
     interval = None if (lo, hi) == (0.0, 1.0) else (lo * T, hi * T)
     model_fn = guided(model, conds, scales, guide_channels=c.out_channels,  # extra channels: learned variance

@@ -19,7 +19,7 @@ from PIL import Image
 
 from decoder.config import noise_schedule
 from decoder.model import Decoder, decoder_text
-from decoder.sample import sample_decoder, upsample
+from decoder.sample import check_guidance_interval, sample_decoder, upsample
 from decoder.upsampler import Upsampler
 from prior.model import DiffusionPrior
 from prior.sample import sample_prior
@@ -70,10 +70,7 @@ class SamplingSettings:
             value = getattr(self, name)
             if value is not None and not torch.isfinite(torch.tensor(float(value))):
                 raise ValueError(f"{name.replace('_', ' ')} must be a finite number, got {value}")
-        interval = self.decoder_guidance_interval = tuple(float(v) for v in self.decoder_guidance_interval)
-        if len(interval) != 2 or not 0.0 <= interval[0] <= interval[1] <= 1.0:
-            raise ValueError(f"decoder guidance interval must be (low, high) with 0 <= low <= high <= 1, got "
-                             f"{self.decoder_guidance_interval}")
+        self.decoder_guidance_interval = check_guidance_interval(self.decoder_guidance_interval)
         if self.dynamic_threshold is not None and not 0.5 < self.dynamic_threshold <= 1.0:
             raise ValueError(f"dynamic threshold is a percentile in (0.5, 1], got {self.dynamic_threshold}")
 
