@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from unclip.config import config_from_dict
 from unclip.schedulers import DEFAULT_NOISE_SCHEDULE
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
@@ -170,9 +171,10 @@ def upsampler_preset(name: str, **fields) -> UpsamplerConfig:
 
 
 def _replace(config, fields: dict):
-    """dataclasses.replace with a ValueError naming unknown fields."""
+    """dataclasses.replace with a ValueError naming unknown fields, values typed as a saved config's are
+    (JSON lists become tuples), so a preset with overrides equals the same config loaded from disk."""
     known = {f.name for f in dataclasses.fields(config)}
     unknown = sorted(set(fields) - known)
     if unknown:
         raise ValueError(f"{type(config).__name__}: unknown fields {unknown}")
-    return dataclasses.replace(config, **fields)
+    return config_from_dict(type(config), {**dataclasses.asdict(config), **fields})

@@ -177,6 +177,16 @@ def test_config_errors():
         tiny_upsampler_config(low_res_size=5)
 
 
+def test_preset_overrides_from_json_equal_the_saved_config(tmp_path):
+    """A recipe's JSON lists become tuples, as in a config read back from disk, so warm_start accepts the folder."""
+    config = decoder_preset("tiny", block_out_channels=[32, 32], attention_levels=[False, True], layers_per_block=1,
+                            embed_dim=32, cross_attention_dim=32, text_width=32, context_length=8)
+    assert config.block_out_channels == (32, 32) and config.attention_levels == (False, True)
+    Decoder(config).save(tmp_path / "decoder")
+    assert Decoder.load(tmp_path / "decoder").config == config
+    Decoder(config).warm_start(tmp_path / "decoder")
+
+
 def test_min_snr_weight():
     a = torch.tensor([0.999, 0.5, 0.001])                 # SNR 999, 1, ~0.001
     eps = min_snr_weight(a, 5.0, "epsilon")

@@ -20,7 +20,8 @@ RECIPE = {
     "embeddings": {},
     "prior": {"preset": "tiny", "train": TINY_TRAIN},
     "decoder": {"preset": "tiny", "config": {"block_out_channels": [32, 32], "attention_levels": [False, True],
-                                            "layers_per_block": 1}, "train": TINY_TRAIN},
+                                            "layers_per_block": 1}, "train": TINY_TRAIN,
+                "finetune": {**TINY_TRAIN, "lr_schedule": "cosine", "seed": 1}},
     "upsampler": {"size": 64, "preset": "tiny-64", "config": {"block_out_channels": [32, 32],
                                                               "attention_levels": [False, False]},
                   "train": TINY_TRAIN},
@@ -47,6 +48,9 @@ def test_recipe_runs_every_stage_resumes_and_reports(tiny_run, tmp_path):
     export = run / "export"
     index = json.loads((export / "model_index.json").read_text())
     assert set(index["components"]) == {"clip", "prior", "decoder", "upsampler_64"}
+    finetune = json.loads((run / "runs" / "decoder-finetune" / "train_config.json").read_text())
+    assert finetune["init_from"] == str(run / "model" / "decoder") and finetune["train"]["lr_schedule"] == "cosine"
+    assert (run / "runs" / "decoder-finetune" / "checkpoints").is_dir()
     clip_info = json.loads((run / "runs" / "clip" / "train_config.json").read_text())
     assert clip_info["negative_swaps"] == [["left", "right"]]
     again = runner.invoke(cli.main, ["train", "recipe", str(path), "--out", str(run), "--quiet"])

@@ -24,7 +24,7 @@ from .training import TrainConfig
 STAGES = ("data", "clip", "embeddings", "prior", "decoder", "upsampler", "export")
 SECTION_KEYS = {"clip": {"preset", "heldout", "negative_swaps", "mirror_swaps", "train"}, "embeddings": {"options"},
                 "prior": {"preset", "train"},
-                "decoder": {"preset", "config", "train"}, "upsampler": {"size", "preset", "config", "train"},
+                "decoder": {"preset", "config", "train", "finetune"}, "upsampler": {"size", "preset", "config", "train"},
                 "export": {"path", "bundle"}}  # the "data" section passes its keys to the builder
 
 
@@ -49,6 +49,8 @@ def load_recipe(path: str | os.PathLike) -> dict:
         try:
             if section is not None:
                 config_from_dict(TrainConfig, section.get("train", {}))
+                if stage == "decoder" and "finetune" in section:
+                    config_from_dict(TrainConfig, section["finetune"])
             if stage == "decoder" and section is not None:
                 decoder_preset(section.get("preset", "tiny"), **section.get("config", {}))
             if stage == "upsampler" and section is not None:
@@ -93,6 +95,7 @@ def run_stage(recipe_path: str | os.PathLike, out: str | os.PathLike, stage: str
     start = time.perf_counter()
     metrics = runners[stage](recipe, out, progress) or {}
     record = {"wall_s": round(time.perf_counter() - start, 1), "metrics": metrics}
+    (out / "stages").mkdir(parents=True, exist_ok=True)
     write_json(out / "stages" / f"{stage}.json", record)
     return record
 
@@ -161,8 +164,13 @@ def _decoder(recipe: dict, out: Path, progress: bool) -> dict:
     from decoder.training import train_decoder
     section = recipe["decoder"]
     config = decoder_preset(section.get("preset", "tiny"), **section.get("config", {}))
-    train_decoder(out / "model", _train_data(recipe, out), train_config=_train_config(recipe, "decoder"),
+    data = _train_data(recipe, out)
+    train_decoder(out / "model", data, train_config=_train_config(recipe, "decoder"),
                   config=config, run_dir=out / "runs" / "decoder", resume=True, progress=progress)
+    if "finetune" in section:  # a second phase from the first one's EMA weights: fresh optimizer, its own schedule
+        train_decoder(out / "model", data, train_config=config_from_dict(TrainConfig, section["finetune"]),
+                      config=config, run_dir=out / "runs" / "decoder-finetune", resume=True, progress=progress,
+                      init_from=out / "model" / "decoder")
     return {}
 
 
