@@ -17,6 +17,8 @@ Levers (off unless named; the defaults are what a user gets):
     diffusers-attention   diffusers' AttnAddedKVProcessor2_0 in the decoder instead of decoder.attention's
     flash-attention       train with decoder.attention's product in the fp32 flash kernel under bf16 autocast (as
                           before 2026-12-01's change) instead of bf16 math attention (sampling uses flash either way)
+    full-guidance   guide every decoder step (guidance_interval (0, 1)) instead of the default 0.3-0.7 interval
+                    (decoder.sample.GUIDANCE_INTERVAL; W3, W4)
     per-step-condition    encode the condition at every sampling step (no prepare_condition: the prior runs
                           its whole sequence, the decoder re-projects its context tokens)
 """
@@ -37,10 +39,11 @@ import common  # noqa: E402
 # Defaults that a lever turns off: "fp32" (unclip's precision "auto" is bf16 on CPUs with native bf16),
 # "diffusers-attention" (diffusers' own attention processor instead of decoder.attention), "flash-attention"
 # (training with decoder.attention's fp32 flash kernel, not its bf16 math attention), "per-step-condition"
-# (no prepare_condition), "unbatched-cfg", "no-grad" (inference_mode).
+# (no prepare_condition), "unbatched-cfg", "no-grad" (inference_mode), "full-guidance" (the guidance interval).
 # Levers that a user turns on: "bf16" (force it where auto says fp32), "channels-last", "compile",
 # "cache-text", "one-candidate", "threads-1".
-LEVERS = ("fp32", "bf16", "diffusers-attention", "flash-attention", "per-step-condition", "channels-last", "compile",
+LEVERS = ("fp32", "bf16", "diffusers-attention", "flash-attention", "per-step-condition", "full-guidance",
+          "channels-last", "compile",
           "unbatched-cfg", "no-grad", "cache-text", "one-candidate", "threads-1")
 
 
@@ -225,18 +228,22 @@ def w3(s: dict, levers) -> tuple[dict, dict]:
         model = UnbatchedCFG(model, n)
     sample = sample_decoder.__wrapped__ if "no-grad" in levers else sample_decoder  # without inference_mode
     grad = torch.no_grad() if "no-grad" in levers else torch.inference_mode()
+    interval = dict(guidance_interval=(0.0, 1.0)) if "full-guidance" in levers else {}  # else the default
 
     def run(steps):
         with grad, autocast(levers):
             return sample(model, batch["image_emb"], batch["text_tokens"], batch["mask"], num_steps=steps,
                           guidance_scale=s["guidance"], generator=torch.Generator().manual_seed(0),
-                          progress=False)["images"]
+                          progress=False, **interval)["images"]
 
     run(2)  # warm-up (and compilation with the compile lever)
     start = time.perf_counter()
     run(s["w3_steps"])
     elapsed = time.perf_counter() - start
-    return {"s_per_image": elapsed / n}, {"params_m": common.n_params(decoder), "sampler": "ddim (default)"}
+    from decoder.sample import GUIDANCE_INTERVAL
+
+    return {"s_per_image": elapsed / n}, {"params_m": common.n_params(decoder), "sampler": "ddim (default)",
+                                          "guidance_interval": interval.get("guidance_interval", GUIDANCE_INTERVAL)}
 
 
 def make_pipeline(s: dict, levers):
@@ -277,6 +284,8 @@ def w4(s: dict, levers) -> tuple[dict, dict]:
     steps = dict(prior_steps=s["prior_steps"], decoder_steps=s["decoder_steps"], upsampler_steps=s["up_steps"])
     if "one-candidate" in levers:
         steps["candidates"] = 1
+    if "full-guidance" in levers:
+        steps["decoder_guidance_interval"] = (0.0, 1.0)
     pipe.generate(prompts, seed=0, prior_steps=1, decoder_steps=1, upsampler_steps=1)  # warm-up
     start = time.perf_counter()
     out = pipe.generate(prompts, seed=0, **steps)  # guidance, candidates, samplers: unclip's defaults

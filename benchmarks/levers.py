@@ -8,9 +8,9 @@ against fp32).
 Each configuration is a fresh `impl_unclip.py` process with some `--lever`s; configurations alternate within a
 round. "speed-up" is median(baseline time) / median(lever time). Levers that are on by default in unclip (bf16
 autocast where the CPU has native bf16, the decoder's attention processor and its bf16 math attention, conditions
-encoded once per sampling run, batched CFG, inference_mode) are measured by turning them off (fp32,
-diffusers-attention, flash-attention, per-step-condition, unbatched-cfg, no-grad): a speed-up below 1 there means
-the default pays.
+encoded once per sampling run, decoder guidance in the 0.3-0.7 interval, batched CFG, inference_mode) are measured
+by turning them off (fp32, diffusers-attention, flash-attention, per-step-condition, full-guidance, unbatched-cfg,
+no-grad): a speed-up below 1 there means the default pays.
 """
 
 from __future__ import annotations
@@ -33,9 +33,10 @@ CONFIGS = {
     "W1": [(), ("fp32",), ("diffusers-attention",), ("flash-attention",), ("channels-last",), ("compile",),
            ("threads-1",)],
     "W2": [(), ("fp32",), ("compile",)],
-    "W3": [(), ("fp32",), ("diffusers-attention",), ("per-step-condition",), ("channels-last",), ("compile",),
+    "W3": [(), ("fp32",), ("full-guidance",), ("diffusers-attention",), ("per-step-condition",), ("channels-last",),
+           ("compile",),
            ("unbatched-cfg",), ("no-grad",), ("threads-1",)],
-    "W4": [(), ("fp32",), ("per-step-condition",), ("one-candidate",), ("cache-text",)],
+    "W4": [(), ("fp32",), ("full-guidance",), ("per-step-condition",), ("one-candidate",), ("cache-text",)],
 }
 METRIC = {"W1": "images_per_s", "W2": "samples_per_s", "W3": "s_per_image", "W4": "s_per_image"}
 
@@ -203,9 +204,10 @@ def main() -> None:
                 f"- {args.rounds} rounds, {(time.perf_counter() - start) / 60:.1f} min",
                 "", report.table(["workload", "levers", "median", "min–max", "speed-up vs defaults"], rows), "",
                 "W1 in images/s, W2 in samples/s, W3/W4 in s/image. `fp32`, `diffusers-attention`, "
-                "`flash-attention`, `per-step-condition`, `unbatched-cfg` and `no-grad` turn *off* defaults (bf16 "
-                "autocast, the decoder's own attention processor, its bf16 math attention in training, conditions "
-                "encoded once per sampling run, batched CFG, inference_mode): a speed-up below 1.00x is what the "
+                "`flash-attention`, `per-step-condition`, `full-guidance`, `unbatched-cfg` and `no-grad` turn *off* "
+                "defaults (bf16 autocast, the decoder's own attention processor, its bf16 math attention in training, "
+                "conditions encoded once per sampling run, decoder guidance in the 0.3-0.7 interval, batched CFG, "
+                "inference_mode): a speed-up below 1.00x is what the "
                 "default saves. `compile` on W1/W2 is `TrainConfig.compile` (`--compile`), its start-up excluded "
                 "(warm-up steps)."]
     print(report.table(["workload", "levers", "median", "min–max", "speed-up"], rows))

@@ -12,9 +12,10 @@ from torch.utils.data import Dataset
 from decoder.config import TEXT_ENCODERS, DecoderConfig, UpsamplerConfig, decoder_preset, upsampler_preset
 from decoder.loss import decoder_loss, min_snr_weight, upsampler_loss
 from decoder.model import Decoder
-from decoder.sample import make_stage_scheduler, sample_decoder, upsample
+from decoder.sample import GUIDANCE_INTERVAL, make_stage_scheduler, sample_decoder, upsample
 from decoder.training import encode_batch, encoded_once, make_decoder_config, train_decoder, train_upsampler
 from decoder.upsampler import Upsampler, corrupt, gaussian_blur
+from unclip.pipeline import SamplingSettings
 from unclip.sampling import denoise
 from unclip.data.datasets import ShardDataset, write_shards
 from unclip.data.encode import encode_captions
@@ -266,17 +267,22 @@ def test_each_scheduler_samples(decoder, scheduler, eta):
 
 
 def test_latents_fix_the_sample_and_guidance_branches(decoder):
-    c = cond(2)
-    first = sample_decoder(decoder, **c, num_steps=2, generator=torch.Generator().manual_seed(0), progress=False)
-    again = sample_decoder(decoder, **c, num_steps=2, latents=first["latents"], progress=False)
+    c, every = cond(2), dict(guidance_interval=(0.0, 1.0))
+    first = sample_decoder(decoder, **c, num_steps=2, generator=torch.Generator().manual_seed(0), progress=False,
+                           **every)
+    again = sample_decoder(decoder, **c, num_steps=2, latents=first["latents"], progress=False, **every)
     torch.testing.assert_close(first["images"], again["images"])
     other = sample_decoder(decoder, **c, num_steps=2, latents=first["latents"], text_guidance_scale=0.0,
-                           progress=False)
+                           progress=False, **every)
     assert not torch.allclose(first["images"], other["images"])
     # guidance only where t / T >= 0.5: of the 2 DDIM steps (t = 500, 0) the last one runs unguided
     half = sample_decoder(decoder, **c, num_steps=2, latents=first["latents"], guidance_interval=(0.5, 1.0),
                           progress=False)
     assert not torch.allclose(first["images"], half["images"])
+    # the default interval, 0.3-0.7 (the pipeline's), also guides t = 500 alone
+    assert GUIDANCE_INTERVAL == SamplingSettings().decoder_guidance_interval == (0.3, 0.7)
+    default = sample_decoder(decoder, **c, num_steps=2, latents=first["latents"], progress=False)
+    torch.testing.assert_close(default["images"], half["images"])
     unguided = sample_decoder(decoder, **c, num_steps=2, latents=first["latents"], guidance_interval=(0.9, 0.95),
                               progress=False)
     scale_one = sample_decoder(decoder, **c, num_steps=2, latents=first["latents"], guidance_scale=1.0,

@@ -19,7 +19,7 @@ from PIL import Image
 
 from decoder.config import noise_schedule
 from decoder.model import Decoder, decoder_text
-from decoder.sample import check_guidance_interval, sample_decoder, upsample
+from decoder.sample import GUIDANCE_INTERVAL, check_guidance_interval, sample_decoder, upsample
 from decoder.upsampler import Upsampler
 from prior.model import DiffusionPrior
 from prior.sample import sample_prior
@@ -49,10 +49,8 @@ class SamplingSettings:
     decoder_steps: int = 20
     decoder_guidance: float = 3.0         # image-embedding guidance
     text_guidance: float | None = None    # text guidance (None: the same as decoder_guidance)
-    # (low, high) in t / T: decoder steps outside it take one unguided forward instead of the guided batch.
-    # Guidance only in the middle (Kynkäänniemi et al. 2024) cut the CLIP-space FD by a fifth to a third on both
-    # models at the same R-precision / oracle, with 9 of 20 steps guided (docs/BENCHMARKS.md, "Guidance interval")
-    decoder_guidance_interval: tuple[float, float] = (0.3, 0.7)
+    # (low, high) in t / T, decoder.sample.GUIDANCE_INTERVAL: 9 of 20 steps guided, the rest one unguided forward
+    decoder_guidance_interval: tuple[float, float] = GUIDANCE_INTERVAL
     eta: float | None = None              # DDIM eta (0: deterministic)
     dynamic_threshold: float | None = None  # Imagen's dynamic thresholding percentile, e.g. 0.995
     upsampler_sampler: str = "unipc"      # UniPC (Zhao et al. 2023): 6 steps match 10 DDIM steps (PSNR, FD)
