@@ -214,10 +214,16 @@ def data_shards(data_dir, out, shard_size):
 @click.option("--mirror-swap", "mirror_swaps", multiple=True, metavar="AXIS:WORD,WORD",
               help="Mirrored pairs: a picture whose caption has one of the words also trains mirrored along AXIS "
                    "(horizontal or vertical) with the words swapped (--mirror-swap horizontal:left,right).")
+@click.option("--negative-reorder", "negative_reorders", multiple=True, metavar="PHRASE",
+              help="Hard negatives for word order: a caption 'A PHRASE B' also brings 'B PHRASE A' as a negative "
+                   "for its image (repeat: --negative-reorder 'to the left of' --negative-reorder above).")
+@click.option("--init-from", type=click.Path(exists=True, file_okay=False), default=None,
+              help="Train on from this clip/ folder (its architecture and vocabulary) instead of from scratch.")
 @train_options
 @friendly_errors
-def train_clip_cmd(data, out, preset, heldout, negative_swaps, mirror_swaps, resume, run_dir, quiet, **kw):
-    """Train a small CLIP from scratch (contrastive, open_clip's model).
+def train_clip_cmd(data, out, preset, heldout, negative_swaps, mirror_swaps, negative_reorders, init_from, resume,
+                   run_dir, quiet, **kw):
+    """Train a small CLIP (contrastive, open_clip's model), from scratch or on from a CLIP folder.
 
     \b
     unclip train clip --data data/shapes/train --out models/shapes --preset tiny-32 --steps 3000
@@ -234,7 +240,8 @@ def train_clip_cmd(data, out, preset, heldout, negative_swaps, mirror_swaps, res
     config = make_train_config(kw, eval_every=kw["checkpoint_every"])
     metrics = train_clip(data, out, config, preset=preset, run_dir=run_dir, resume=resume,
                          heldout_fraction=heldout, progress=not quiet, mirror_swaps=mirrors,
-                         negative_swaps=[_word_pair(p, "--negative-swap") for p in negative_swaps])
+                         negative_swaps=[_word_pair(p, "--negative-swap") for p in negative_swaps],
+                         negative_reorders=negative_reorders, init_from=init_from)
     summary = ", ".join(f"{k} {v:.3f}" for k, v in metrics.items())
     click.echo(f"wrote {out}/clip" + (f" (held-out {summary})" if summary else ""))
 # CLIP-COMMANDS-END

@@ -45,8 +45,8 @@ def score(decoder: Decoder, test: ImageTextFolder, rows: list[int], clip: ClipEn
     generator = torch.Generator().manual_seed(0)
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
         images = torch.cat([sample_decoder(decoder, image_emb[i:i + chunk], tokens[i:i + chunk], mask[i:i + chunk],
-                                           num_steps=25, progress=False,
-                              guidance_interval=(0.0, 1.0),  # every step, as in the recorded figures, generator=generator)["images"].float()
+                                           num_steps=25, progress=False, generator=generator,
+                                           guidance_interval=(0.0, 1.0))["images"].float()  # as recorded: every step
                             for i in range(0, len(rows), chunk)])
     result = {"fd_clip": frechet_distance(clip.encode_image(images), image_emb)}
     if shapes:

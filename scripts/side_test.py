@@ -32,7 +32,7 @@ def decode(decoder, clip, image_emb, captions, seed: int = 0):
     tokens, mask = decoder_text(clip, decoder.config, captions) if captions else (None, None)
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
         return sample_decoder(decoder, image_emb, tokens, mask, num_steps=25, progress=False,
-                              guidance_interval=(0.0, 1.0),  # every step, as in the recorded figures,
+                              guidance_interval=(0.0, 1.0),  # every step, as in the recorded figures
                               prior_free=image_emb is None,
                               generator=torch.Generator().manual_seed(seed))["images"].float()
 

@@ -16,7 +16,8 @@ RECIPE = {
     "name": "tiny",
     "threads": 1,
     "data": {"builder": "shapes", "n": 80, "seed": 0},
-    "clip": {"preset": "tiny-32", "heldout": 0.1, "negative_swaps": [["left", "right"]], "train": TINY_TRAIN},
+    "clip": {"preset": "tiny-32", "heldout": 0.1, "negative_swaps": [["left", "right"]], "train": TINY_TRAIN,
+             "finetune": {"train": {**TINY_TRAIN, "lr_schedule": "cosine"}, "negative_reorders": ["to the left of"]}},
     "embeddings": {},
     "prior": {"preset": "tiny", "train": TINY_TRAIN},
     "decoder": {"preset": "tiny", "config": {"block_out_channels": [32, 32], "attention_levels": [False, True],
@@ -52,7 +53,11 @@ def test_recipe_runs_every_stage_resumes_and_reports(tiny_run, tmp_path):
     assert finetune["init_from"] == str(run / "model" / "decoder") and finetune["train"]["lr_schedule"] == "cosine"
     assert (run / "runs" / "decoder-finetune" / "checkpoints").is_dir()
     clip_info = json.loads((run / "runs" / "clip" / "train_config.json").read_text())
-    assert clip_info["negative_swaps"] == [["left", "right"]]
+    assert clip_info["negative_swaps"] == [["left", "right"]] and clip_info["negative_reorders"] == []
+    clip_finetune = json.loads((run / "runs" / "clip-finetune" / "train_config.json").read_text())
+    assert clip_finetune["init_from"] == str(run / "model" / "clip")
+    assert clip_finetune["negative_swaps"] == [["left", "right"]]  # the section's, kept
+    assert clip_finetune["negative_reorders"] == ["to the left of"] and clip_finetune["train"]["lr_schedule"] == "cosine"
     again = runner.invoke(cli.main, ["train", "recipe", str(path), "--out", str(run), "--quiet"])
     assert again.exit_code == 0 and " ..." not in again.output  # every stage is done: nothing re-runs
 
@@ -96,6 +101,12 @@ def test_recipe_validation(tmp_path):
         load_recipe(bad)
     bad.write_text(json.dumps({"name": "x", "clip": {"train": {"stepz": 3}}}))
     with pytest.raises(ValueError, match="unknown config keys"):
+        load_recipe(bad)
+    bad.write_text(json.dumps({"name": "x", "clip": {"finetune": {"steps": 3}}}))
+    with pytest.raises(ValueError, match='own "train" settings'):
+        load_recipe(bad)
+    bad.write_text(json.dumps({"name": "x", "clip": {"finetune": {"train": {}, "negative_reorder": ["above"]}}}))
+    with pytest.raises(ValueError, match="unknown keys"):
         load_recipe(bad)
 
 

@@ -17,6 +17,12 @@ while the image tower does not yet encode the side, nothing rewards the text tow
 pairs (`mirror_swaps`) give the image tower that reason: a picture whose caption names a side joins the batch
 together with its mirror image captioned with the swapped words ("on the left" mirrored left to right is
 "on the right"), so the same content appears on both sides with two captions that must be told apart.
+
+Word swaps cannot teach a relation. "a red circle to the left of a green triangle" and "a green triangle to the
+left of a red circle" hold the same words and describe mirrored pictures, so a text tower that pools its words
+as a bag gives both one embedding, and its twin with "left" and "right" swapped describes the mirrored picture
+too. `negative_reorders` adds the reordered caption (the two sides of a relation phrase exchanged) as a second
+hard negative: the only way to tell it from the positive is word order.
 """
 
 from __future__ import annotations
@@ -48,9 +54,10 @@ def clip_loss_fn(model: ClipEncoder, batch: dict):
         pixels = torch.cat([pixels, batch["mirror_pixels"][mirrored]])
         tokens = torch.cat([tokens, batch["mirror_tokens"][mirrored]])
         local += [batch["mirror"][i] for i in mirrored]
-    negatives = [i for i, c in enumerate(batch.get("negative", [])) if c]           # this process's twins
-    if negatives:  # one text forward for captions and twins (the model may be DDP-wrapped)
-        tokens = torch.cat([tokens, batch["negative_tokens"][negatives]])          # [b + n, L]
+    twins = [batch[key][i] for key in NEGATIVE_KEYS for i, c in enumerate(batch.get(key, [])) if c]
+    if twins:  # one text forward for captions and twins (the model may be DDP-wrapped)
+        tokens = torch.cat([tokens] + [batch[f"{key}_tokens"][[i for i, c in enumerate(batch[key]) if c]]
+                                       for key in NEGATIVE_KEYS if key in batch])  # [b + n, L]
     image, text, logit_scale = model(pixels, tokens)                                # [b, D], [b + n, D]
     text, text_neg = text[:len(image)], text[len(image):]
     image_all, text_all, captions, first = _gather_features(image, text, local)     # [N, D] each
@@ -58,13 +65,15 @@ def clip_loss_fn(model: ClipEncoder, batch: dict):
     logits_text = logit_scale * text @ image_all.T                                  # [b, N]
     same = same_caption_matrix(captions, image.device).float()[first:first + len(image)]  # [b, N]
     targets_image = same
-    if negatives:
-        twins = [batch["negative"][i] for i in negatives]
+    if twins:
         logits_image = torch.cat([logits_image, logit_scale * image @ text_neg.T], dim=1)  # [b, N + n]
         targets_image = torch.cat([same, _matches(local, twins, image.device)], dim=1)
     loss = (F.cross_entropy(logits_image, targets_image / targets_image.sum(dim=1, keepdim=True))
             + F.cross_entropy(logits_text, same / same.sum(dim=1, keepdim=True))) / 2
     return loss, {"logit_scale": float(logit_scale.detach())}
+
+
+NEGATIVE_KEYS = ("negative", "reordered")  # hard negative captions per item ("" where a caption has none)
 
 
 def _matches(rows: Sequence[str], columns: Sequence[str], device) -> torch.Tensor:
@@ -79,6 +88,16 @@ def swap_words(caption: str, swaps: Sequence[Sequence[str]]) -> str:
     for a, b in swaps:
         table[a], table[b] = b, a
     return " ".join(table.get(word, word) for word in caption.split(" "))
+
+
+def reorder_caption(caption: str, phrases: Sequence[str]) -> str:
+    """The caption with the two sides of the first relation phrase found exchanged ("A to the left of B" ->
+    "B to the left of A"); unchanged when it holds none of the phrases (matched as whole words)."""
+    for phrase in phrases:
+        before, sep, after = f" {caption} ".partition(f" {phrase} ")
+        if sep and before.strip() and after.strip():
+            return f"{after.strip()} {phrase} {before.strip()}"
+    return caption
 
 
 def _gather_features(image: torch.Tensor, text: torch.Tensor, captions: list[str]):
@@ -105,8 +124,9 @@ class _Tokenised(torch.utils.data.Dataset):
     """Adds CLIP-ready pixels and token ids to each item of a pairs dataset."""
 
     def __init__(self, dataset, clip: ClipEncoder, negative_swaps: Sequence[Sequence[str]] = (),
-                 mirror_swaps: dict | None = None):
+                 mirror_swaps: dict | None = None, negative_reorders: Sequence[str] = ()):
         self.dataset, self.clip, self.swaps = dataset, clip, [tuple(pair) for pair in negative_swaps]
+        self.reorders = list(negative_reorders)
         self.mirrors = [(MIRROR_DIMS[axis], swaps) for axis, swaps in (mirror_swaps or {}).items() if swaps]
 
     def __len__(self):
@@ -117,11 +137,13 @@ class _Tokenised(torch.utils.data.Dataset):
         pixels = self.clip.preprocess(item["image"][None], device="cpu")[0]
         tokens = self.clip.tokenize([item["caption"]], warn=False)[0]
         out = {"pixels": pixels, "tokens": tokens, "caption": item["caption"]}
-        if self.swaps:  # "" when no word swaps: the loss skips it
-            twin = swap_words(item["caption"], self.swaps)
-            changed = twin != item["caption"]
-            out["negative"] = twin if changed else ""
-            out["negative_tokens"] = self.clip.tokenize([twin], warn=False)[0] if changed else tokens
+        for key, twin_of in (("negative", lambda c: swap_words(c, self.swaps) if self.swaps else None),
+                             ("reordered", lambda c: reorder_caption(c, self.reorders) if self.reorders else None)):
+            twin = twin_of(item["caption"])
+            if twin is not None:  # "" when the caption has no twin: the loss skips it
+                changed = twin != item["caption"]
+                out[key] = twin if changed else ""
+                out[f"{key}_tokens"] = self.clip.tokenize([twin], warn=False)[0] if changed else tokens
         if self.mirrors:  # the first axis whose words the caption uses; "" (and an unused copy) when none
             out["mirror"], out["mirror_pixels"], out["mirror_tokens"] = "", pixels, tokens
             for dim, swaps in self.mirrors:
@@ -157,14 +179,20 @@ def make_retrieval_eval(heldout, clip_ref: ClipEncoder):
 def train_clip(data: str | os.PathLike, out: str | os.PathLike, train_config: TrainConfig,
                preset: str = "tiny-32", run_dir: str | os.PathLike | None = None, resume: bool = False,
                heldout_fraction: float = 0.05, progress: bool = True, config: ClipConfig | None = None,
-               negative_swaps: Sequence[Sequence[str]] = (), mirror_swaps: dict | None = None) -> dict:
-    """Train a CLIP from scratch on a folder of pairs and export it to `out/clip`; returns final metrics.
+               negative_swaps: Sequence[Sequence[str]] = (), mirror_swaps: dict | None = None,
+               negative_reorders: Sequence[str] = (), init_from: str | os.PathLike | None = None) -> dict:
+    """Train a CLIP on a folder of pairs (from scratch, or on from the CLIP folder `init_from`, whose config and
+    vocabulary it keeps) and export it to `out/clip`; returns final metrics.
 
     negative_swaps: word pairs such as [("left", "right"), ("two", "three")]; each caption's swapped twin is
     a hard negative for its image. mirror_swaps: {"horizontal": [("left", "right")], "vertical": [("top",
     "bottom")]}; a caption with one of an axis's words brings its picture mirrored along that axis, captioned
-    with the words swapped, into the batch (module docstring).
+    with the words swapped, into the batch. negative_reorders: relation phrases such as ["to the left of",
+    "above"]; a caption "A <phrase> B" brings "B <phrase> A" as a hard negative (module docstring).
     """
+    bad = [p for p in negative_reorders if not isinstance(p, str) or not p.strip()]
+    if bad:
+        raise ValueError(f"negative reorders are relation phrases such as 'to the left of', got {bad}")
     mirror_swaps = dict(mirror_swaps or {})
     unknown = sorted(set(mirror_swaps) - set(MIRROR_DIMS))
     if unknown:
@@ -177,24 +205,30 @@ def train_clip(data: str | os.PathLike, out: str | os.PathLike, train_config: Tr
 
     out = Path(out)
     run_dir = Path(run_dir) if run_dir else out / "runs" / "clip"
-    config = config or _preset(preset)
+    start = ClipEncoder.load(init_from) if init_from is not None else None
+    config = start.config if start is not None else config or _preset(preset)
     dataset = open_dataset(data, config.vision.get("image_size", 32))
     if not hasattr(dataset, "captions"):
         raise ValueError(f"train clip reads a folder of image/caption pairs, not webdataset shards ({data}); "
                          "give the folder the shards were made from")
-    captions = list(dataset.captions)
-    vocab = _vocab(run_dir, captions, config, resume)
-    torch.manual_seed(train_config.seed)  # a seeded initialisation: torch seeds each process at random
-    clip = ClipEncoder.from_config(config, vocab)
+    if start is not None:
+        clip = start
+    else:
+        vocab = _vocab(run_dir, list(dataset.captions), config, resume)
+        torch.manual_seed(train_config.seed)  # a seeded initialisation: torch seeds each process at random
+        clip = ClipEncoder.from_config(config, vocab)
     train_idx, held_idx = split_heldout(len(dataset), heldout_fraction, train_config.seed)
     heldout = torch.utils.data.Subset(dataset, held_idx)
     evaluate = make_retrieval_eval(heldout, clip) if held_idx else None
     export = lambda ema, step: _export(ema, out)  # noqa: E731
-    pairs = _Tokenised(torch.utils.data.Subset(dataset, train_idx), clip, negative_swaps, mirror_swaps)
+    pairs = _Tokenised(torch.utils.data.Subset(dataset, train_idx), clip, negative_swaps, mirror_swaps,
+                       negative_reorders)
     ema = train(clip, clip_loss_fn, pairs, run_dir, train_config, Hooks(export=export, evaluate=evaluate),
                 resume=resume, progress=progress, extra_info={"clip": dataclasses.asdict(config), "data": str(data),
                                                               "negative_swaps": [list(p) for p in negative_swaps],
-                                                              "mirror_swaps": mirror_swaps})
+                                                              "mirror_swaps": mirror_swaps,
+                                                              "negative_reorders": list(negative_reorders),
+                                                              "init_from": None if init_from is None else str(init_from)})
     return evaluate(ema, train_config.steps) if evaluate else {}
 
 

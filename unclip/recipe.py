@@ -22,7 +22,8 @@ from .config import config_from_dict, read_json, write_json
 from .training import TrainConfig
 
 STAGES = ("data", "clip", "embeddings", "prior", "decoder", "upsampler", "export")
-SECTION_KEYS = {"clip": {"preset", "heldout", "negative_swaps", "mirror_swaps", "train"}, "embeddings": {"options"},
+CLIP_OPTIONS = ("negative_swaps", "mirror_swaps", "negative_reorders")  # a clip finetune phase may override them
+SECTION_KEYS = {"clip": {"preset", "heldout", *CLIP_OPTIONS, "train", "finetune"}, "embeddings": {"options"},
                 "prior": {"preset", "train"},
                 "decoder": {"preset", "config", "train", "finetune"}, "upsampler": {"size", "preset", "config", "train"},
                 "export": {"path", "bundle"}}  # the "data" section passes its keys to the builder
@@ -51,6 +52,8 @@ def load_recipe(path: str | os.PathLike) -> dict:
                 config_from_dict(TrainConfig, section.get("train", {}))
                 if stage == "decoder" and "finetune" in section:
                     config_from_dict(TrainConfig, section["finetune"])
+                if stage == "clip" and "finetune" in section:
+                    _check_clip_finetune(section["finetune"])
             if stage == "decoder" and section is not None:
                 decoder_preset(section.get("preset", "tiny"), **section.get("config", {}))
             if stage == "upsampler" and section is not None:
@@ -132,13 +135,30 @@ def _data(recipe: dict, out: Path, progress: bool) -> dict:
     raise ValueError(f"unknown data builder {builder!r} (shapes, emoji)")
 
 
+def _check_clip_finetune(phase) -> None:
+    """A clip "finetune" phase: {"train": {...TrainConfig...}, and any of CLIP_OPTIONS to override}."""
+    if not isinstance(phase, dict) or "train" not in phase:
+        raise ValueError('"finetune" must be an object with its own "train" settings')
+    unknown = sorted(set(phase) - {"train", *CLIP_OPTIONS})
+    if unknown:
+        raise ValueError(f"unknown keys {unknown} in clip finetune (known: train, {', '.join(CLIP_OPTIONS)})")
+    config_from_dict(TrainConfig, phase["train"])
+
+
 def _clip(recipe: dict, out: Path, progress: bool) -> dict:
     from .clip_training import train_clip
-    section = recipe["clip"]
-    return train_clip(_train_data(recipe, out), out / "model", _train_config(recipe, "clip"),
-                      preset=section.get("preset", "tiny-32"), run_dir=out / "runs" / "clip", resume=True,
-                      heldout_fraction=section.get("heldout", 0.05), progress=progress,
-                      negative_swaps=section.get("negative_swaps", ()), mirror_swaps=section.get("mirror_swaps"))
+    section, data = recipe["clip"], _train_data(recipe, out)
+    options = {key: section[key] for key in CLIP_OPTIONS if key in section}
+    common = dict(heldout_fraction=section.get("heldout", 0.05), progress=progress, resume=True)
+    metrics = train_clip(data, out / "model", _train_config(recipe, "clip"), preset=section.get("preset", "tiny-32"),
+                         run_dir=out / "runs" / "clip", **common, **options)
+    phase = section.get("finetune")
+    if phase:  # a second phase from the first one's EMA weights: fresh optimizer, its own schedule and negatives
+        options.update({key: phase[key] for key in CLIP_OPTIONS if key in phase})
+        metrics = train_clip(data, out / "model", config_from_dict(TrainConfig, phase["train"]),
+                             run_dir=out / "runs" / "clip-finetune", init_from=out / "model" / "clip", **common,
+                             **options)
+    return metrics
 
 
 def _embeddings(recipe: dict, out: Path, progress: bool) -> dict:
