@@ -214,7 +214,7 @@ def w3(s: dict, levers) -> tuple[dict, dict]:
     import torch
 
     from decoder.model import Decoder
-    from decoder.sample import sample_decoder
+    from decoder.sample import GUIDANCE_INTERVAL, sample_decoder
 
     decoder = randomise(Decoder(decoder_config(s))).eval()
     apply_unet_levers([decoder.unet], levers)
@@ -240,8 +240,6 @@ def w3(s: dict, levers) -> tuple[dict, dict]:
     start = time.perf_counter()
     run(s["w3_steps"])
     elapsed = time.perf_counter() - start
-    from decoder.sample import GUIDANCE_INTERVAL
-
     return {"s_per_image": elapsed / n}, {"params_m": common.n_params(decoder), "sampler": "ddim (default)",
                                           "guidance_interval": interval.get("guidance_interval", GUIDANCE_INTERVAL)}
 

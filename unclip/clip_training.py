@@ -42,6 +42,9 @@ from .eval.metrics import retrieval_accuracy, same_caption_matrix
 from .training import Hooks, TrainConfig, train
 
 
+NEGATIVE_KEYS = ("negative", "reordered")  # hard negative captions per item ("" where a caption has none)
+
+
 def clip_loss_fn(model: ClipEncoder, batch: dict):
     """Symmetric contrastive loss with soft targets for repeated captions.
 
@@ -54,10 +57,13 @@ def clip_loss_fn(model: ClipEncoder, batch: dict):
         pixels = torch.cat([pixels, batch["mirror_pixels"][mirrored]])
         tokens = torch.cat([tokens, batch["mirror_tokens"][mirrored]])
         local += [batch["mirror"][i] for i in mirrored]
-    twins = [batch[key][i] for key in NEGATIVE_KEYS for i, c in enumerate(batch.get(key, [])) if c]
+    twins, twin_tokens = [], []                                                     # this process's twins
+    for key in NEGATIVE_KEYS:
+        rows = [i for i, c in enumerate(batch.get(key, [])) if c]
+        twins += [batch[key][i] for i in rows]
+        twin_tokens += [batch[f"{key}_tokens"][rows]] if rows else []
     if twins:  # one text forward for captions and twins (the model may be DDP-wrapped)
-        tokens = torch.cat([tokens] + [batch[f"{key}_tokens"][[i for i, c in enumerate(batch[key]) if c]]
-                                       for key in NEGATIVE_KEYS if key in batch])  # [b + n, L]
+        tokens = torch.cat([tokens, *twin_tokens])                                  # [b + n, L]
     image, text, logit_scale = model(pixels, tokens)                                # [b, D], [b + n, D]
     text, text_neg = text[:len(image)], text[len(image):]
     image_all, text_all, captions, first = _gather_features(image, text, local)     # [N, D] each
@@ -71,9 +77,6 @@ def clip_loss_fn(model: ClipEncoder, batch: dict):
     loss = (F.cross_entropy(logits_image, targets_image / targets_image.sum(dim=1, keepdim=True))
             + F.cross_entropy(logits_text, same / same.sum(dim=1, keepdim=True))) / 2
     return loss, {"logit_scale": float(logit_scale.detach())}
-
-
-NEGATIVE_KEYS = ("negative", "reordered")  # hard negative captions per item ("" where a caption has none)
 
 
 def _matches(rows: Sequence[str], columns: Sequence[str], device) -> torch.Tensor:
@@ -125,8 +128,10 @@ class _Tokenised(torch.utils.data.Dataset):
 
     def __init__(self, dataset, clip: ClipEncoder, negative_swaps: Sequence[Sequence[str]] = (),
                  mirror_swaps: dict | None = None, negative_reorders: Sequence[str] = ()):
-        self.dataset, self.clip, self.swaps = dataset, clip, [tuple(pair) for pair in negative_swaps]
-        self.reorders = list(negative_reorders)
+        self.dataset, self.clip = dataset, clip
+        swaps, reorders = [tuple(pair) for pair in negative_swaps], list(negative_reorders)
+        self.twins = ([("negative", lambda c: swap_words(c, swaps))] if swaps else []) + \
+            ([("reordered", lambda c: reorder_caption(c, reorders))] if reorders else [])  # NEGATIVE_KEYS
         self.mirrors = [(MIRROR_DIMS[axis], swaps) for axis, swaps in (mirror_swaps or {}).items() if swaps]
 
     def __len__(self):
@@ -137,13 +142,11 @@ class _Tokenised(torch.utils.data.Dataset):
         pixels = self.clip.preprocess(item["image"][None], device="cpu")[0]
         tokens = self.clip.tokenize([item["caption"]], warn=False)[0]
         out = {"pixels": pixels, "tokens": tokens, "caption": item["caption"]}
-        for key, twin_of in (("negative", lambda c: swap_words(c, self.swaps) if self.swaps else None),
-                             ("reordered", lambda c: reorder_caption(c, self.reorders) if self.reorders else None)):
+        for key, twin_of in self.twins:  # "" when the caption has no twin: the loss skips it
             twin = twin_of(item["caption"])
-            if twin is not None:  # "" when the caption has no twin: the loss skips it
-                changed = twin != item["caption"]
-                out[key] = twin if changed else ""
-                out[f"{key}_tokens"] = self.clip.tokenize([twin], warn=False)[0] if changed else tokens
+            changed = twin != item["caption"]
+            out[key] = twin if changed else ""
+            out[f"{key}_tokens"] = self.clip.tokenize([twin], warn=False)[0] if changed else tokens
         if self.mirrors:  # the first axis whose words the caption uses; "" (and an unused copy) when none
             out["mirror"], out["mirror_pixels"], out["mirror_tokens"] = "", pixels, tokens
             for dim, swaps in self.mirrors:
