@@ -490,7 +490,7 @@ def train_upsampler_cmd(model_dir, data, size, preset, aug_max, blur_prob, predi
 IMAGE_SAMPLERS = ["ddpm", "ddim", "dpm++", "dpm++sde", "euler", "unipc", "unclip"]  # unclip.schedulers (checked)
 STAGES = ("prior", "decoder", "upsampler")
 # unclip.pipeline.SamplingSettings' defaults (checked by a test; the CLI does not import torch to show --help)
-SAMPLING_DEFAULTS = dict(prior_sampler="ddim", prior_steps=25, prior_guidance=2.0, decoder_sampler="ddim",
+SAMPLING_DEFAULTS = dict(prior_sampler="ddim", prior_steps=10, prior_guidance=2.0, decoder_sampler="ddim",
                          decoder_steps=20, decoder_guidance=3.0, decoder_guidance_interval=(0.3, 0.7),
                          upsampler_sampler="unipc", upsampler_steps=6)
 

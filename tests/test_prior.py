@@ -17,6 +17,7 @@ from prior.sample import sample_prior
 from prior.training import PriorDataset, train_prior
 from unclip.checkpoint import read_model_index
 from unclip.data.embeddings import embed_pairs, read_embeddings, write_embeddings
+from unclip.eval.metrics import frechet_distance
 from unclip.eval.prior import caption_mean_ceiling, evaluate_prior, unrelated_cosine
 from unclip.schedulers import scheduler_names
 from unclip.training import TrainConfig, list_checkpoints, train
@@ -295,6 +296,9 @@ def test_evaluate_prior(tiny_clip, prior):
     report = evaluate_prior((tiny_clip, prior), TinyPairs(12), num_steps=2, progress=False)
     for key in ("cos_pred_c1", "cos_pred_c2", "cos_text", "cos_pred_unrelated", "cos_caption_mean"):
         assert -1 <= report[key] <= 1, key
+    emb = embed_pairs(tiny_clip, TinyPairs(12), progress=False)
+    assert report["fd_text"] == pytest.approx(frechet_distance(emb["text_emb"], emb["image_emb"]))
+    assert report["fd_pred"] > 0 and report["fd_pred"] != pytest.approx(report["fd_text"])
     assert report["n"] == 12 and report["n_captions"] == 6
     same = torch.eye(16)[[0, 0, 1, 1, 2]]  # two captions repeated with identical embeddings, one single
     assert caption_mean_ceiling(same, ["a", "a", "b", "b", "c"]) == pytest.approx(1.0)

@@ -40,7 +40,9 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 class SamplingSettings:
     """Per-stage samplers, step counts and guidance; everything that, with the seed, fixes an image."""
     prior_sampler: str = "ddim"
-    prior_steps: int = 25
+    # 10 DDIM prior steps match 25 on the prior's cosine and FD to the true embeddings, the shapes oracle and the emoji
+    # R-precision and FD (docs/BENCHMARKS.md, "Prior steps"), and save a tenth of a warm image's time
+    prior_steps: int = 10
     prior_guidance: float = 2.0           # measured best for cos(pred, true) on shapes (1-2 > 4)
     candidates: int = 2                   # prior samples per prompt; keep the one closest to the text
     # 20 DDIM decoder steps match 25 on the shapes oracle, the emoji R-precision and the CLIP-space FD; UniPC and

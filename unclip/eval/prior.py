@@ -8,6 +8,10 @@ Reported (all mean cosines on l2-normalised embeddings):
     cos_caption_mean            a ceiling for repeated captions: each true image_emb vs the mean of the
                                 other held-out image_embs with the same caption (leave-one-out), roughly
                                 the best a prior that knows only the caption can do
+and one distance between distributions, which the cosines miss (a prior that returns each caption's mean
+embedding scores a high cosine with no diversity):
+    fd_pred / fd_text           Fréchet distance of the sampled image_embs (2 candidates) / of the text_embs
+                                to the true image_embs (unclip.eval.metrics.frechet_distance)
 """
 
 from __future__ import annotations
@@ -22,10 +26,16 @@ from prior.model import DiffusionPrior
 from prior.sample import sample_prior
 from unclip.clip import ClipEncoder
 from unclip.data.embeddings import embed_pairs
+from unclip.eval.metrics import frechet_distance
 
 
 def _cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return F.cosine_similarity(a.float(), b.float(), dim=-1)  # [N]
+
+
+def _fd(a: torch.Tensor, b: torch.Tensor) -> float:
+    """frechet_distance, or nan for fewer than 2 pairs (no covariance to fit)."""
+    return frechet_distance(a, b) if len(a) >= 2 else float("nan")
 
 
 def caption_mean_ceiling(image_emb: torch.Tensor, captions: list[str]) -> float:
@@ -70,6 +80,7 @@ def prior_metrics(prior, emb: dict, *, scheduler: str = "ddim", num_steps: int =
             "cos_text": float(_cos(emb["text_emb"], image_emb).mean()),
             "cos_pred_unrelated": unrelated_cosine(preds[:, 0], image_emb, captions),
             "cos_caption_mean": caption_mean_ceiling(image_emb, captions),
+            "fd_pred": _fd(preds[:, 1], image_emb), "fd_text": _fd(emb["text_emb"], image_emb),
             "n": float(len(captions)), "n_captions": float(len(set(captions)))}
 
 

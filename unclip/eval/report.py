@@ -65,6 +65,7 @@ def evaluate_model(model: str | os.PathLike, test: str | os.PathLike, train: str
     report = {"model": str(model), "settings": settings, "seed": seed,
               "prior": evaluate_prior((pipe.clip, pipe.prior), torch.utils.data.Subset(test_set, rows),
                                       guidance_scale=settings.get("prior_guidance", SamplingSettings().prior_guidance),
+                                      num_steps=settings.get("prior_steps", SamplingSettings().prior_steps),
                                       progress=False),
               "images": image_metrics(pipe, generated, captions, real, ImageTextFolder(train, pipe.clip.image_size))}
     if shapes if shapes is not None else (Path(test).parent / "split.json").is_file():
@@ -86,6 +87,8 @@ def markdown(name: str, report: dict) -> str:
              f"| baseline cos(text emb, true image emb) | {p['cos_text']:.3f} |",
              f"| cos(predicted, image emb of an unrelated caption) | {_fmt(p['cos_pred_unrelated'])} |",
              f"| ceiling: cos(mean image emb of the caption, true) | {_fmt(p['cos_caption_mean'])} |",
+             f"| FD of the sampled image embs to the true ones (text embs as baseline) | "
+             f"{_fmt(p.get('fd_pred'))} ({_fmt(p.get('fd_text'))}) |",
              "", "| images | value |", "|---|---|",
              f"| CLIP R-precision top-1 / top-5 | {im['r_precision']['top1']:.3f} / {im['r_precision']['top5']:.3f} |",
              f"| FD in CLIP space, generated vs held-out real | {im['fd_generated']:.4f} |",
