@@ -219,3 +219,8 @@ def main(work: Path) -> None:
 
 if __name__ == "__main__":
     (main_fsdp if "--fsdp" in sys.argv[2:] else main)(Path(sys.argv[1]))
+    if torch.distributed.is_initialized():
+        # Shut the group down while both processes are alive: left to interpreter teardown, gloo's threads can be
+        # destroyed while joinable, and a rank then aborts with "terminate called without an active exception".
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
