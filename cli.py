@@ -430,10 +430,13 @@ def _given(**fields) -> dict:
 @click.option("--init-from", type=click.Path(exists=True, file_okay=False), default=None,
               help="Start from this decoder folder's weights (fine-tuning) instead of a fresh initialisation; "
                    "adding position channels to it is allowed.")
+@click.option("--oversample", "oversample", multiple=True, metavar="REGEX=N",
+              help="See the pairs whose caption matches REGEX N times per epoch (a kind of caption the model is "
+                   "weak on); repeatable, the largest N of the matching patterns counts.")
 @train_options
 @friendly_errors
 def train_decoder_cmd(model_dir, data, preset, text_drop, image_drop, text_encoder, position_channels,
-                      image_map_channels, init_from, prediction, min_snr, sample_every, sample_steps, heldout, resume, run_dir, quiet, **kw):
+                      image_map_channels, init_from, oversample, prediction, min_snr, sample_every, sample_steps, heldout, resume, run_dir, quiet, **kw):
     """Train the decoder: CLIP image embedding (+ caption tokens) -> base image.
 
     \b
@@ -441,6 +444,7 @@ def train_decoder_cmd(model_dir, data, preset, text_drop, image_drop, text_encod
     unclip train decoder --model models/shapes --data data/shapes/train --preset small --text-drop 0.2
     unclip train decoder --model models/shapes --data data/shapes/train --text-encoder transformer
     unclip train decoder --model my-model --data my-pairs --init-from models/shapes/decoder --steps 2000
+    unclip train decoder --model models/shapes --data data/shapes/train --oversample " (above|below) =3"
     """
     from decoder.config import decoder_preset
     from decoder.training import train_decoder
@@ -451,8 +455,16 @@ def train_decoder_cmd(model_dir, data, preset, text_drop, image_drop, text_encod
                                              image_map_channels=image_map_channels))
     train_decoder(model_dir, data, train_config=make_train_config(kw, sample_every=sample_every), config=config,
                   run_dir=run_dir, resume=resume, heldout=heldout, sample_steps=sample_steps, progress=not quiet,
-                  init_from=init_from)
+                  init_from=init_from, oversample=[_oversample_option(o) for o in oversample])
     click.echo(f"wrote {model_dir}/decoder")
+
+
+def _oversample_option(text: str) -> tuple[str, int]:
+    """ "REGEX=N" -> (REGEX, N); the last "=" splits, so the pattern may hold one."""
+    pattern, sep, times = text.rpartition("=")
+    if not sep or not pattern or not times.strip().isdigit():
+        raise click.BadParameter(f"expected REGEX=N (N a whole number), got {text!r}", param_hint="--oversample")
+    return pattern, int(times)
 
 
 @train.command("upsampler")
@@ -531,9 +543,9 @@ def sampling_options(fn):
                           "unguided forward (cheaper)."),
         click.option("--dynamic-threshold", type=click.FloatRange(0.5, 1.0, min_open=True), default=None,
                      help="Imagen's dynamic thresholding percentile for the decoder, e.g. 0.995."),
-        click.option("--image-candidates", type=click.IntRange(min=1, max=64), default=1, show_default=True,
+        click.option("--image-candidates", type=click.IntRange(min=1, max=64), default=1,
                      help="Decoder samples per image; keep the one the CLIP ranks closest to the prompt "
-                          "(k times the decoder's time)."),
+                          "(k times the decoder's time) [default: the model's own (shapes: 4), else 1]."),
         # Output
         click.option("-o", "--out", "out", type=click.Path(), default="outputs", show_default=True,
                      help="A .png file for one image, or a folder that receives 0000.png, 0001.png, ..."),
@@ -565,23 +577,38 @@ def load_pipeline(kw: dict):
 
 
 def pop_settings(kw: dict) -> dict:
-    """Pop the sampler options into SamplingSettings fields."""
+    """Pop the sampler options into SamplingSettings fields: those given on the command line (or by the
+    environment), so that a model's own sampling defaults (its model_index.json "sampling") hold for the rest."""
     import math
 
+    given = _given_on_command_line()
     every = kw.pop("sampler")
-    settings = {}
+    settings, options = {}, {}
     for stage in STAGES:
         own = kw.pop(f"sampler_{stage}")
         settings[f"{stage}_sampler"] = every or own
+        options[f"{stage}_sampler"] = ("sampler", f"sampler_{stage}")
         settings[f"{stage}_steps"] = kw.pop(f"steps_{stage}")
+        options[f"{stage}_steps"] = (f"steps_{stage}",)
     settings.update(prior_guidance=kw.pop("guidance_prior"), decoder_guidance=kw.pop("guidance_decoder"),
                     decoder_guidance_interval=kw.pop("guidance_interval_decoder"),
                     dynamic_threshold=kw.pop("dynamic_threshold"), image_candidates=kw.pop("image_candidates"))
+    options.update(prior_guidance=("guidance_prior",), decoder_guidance=("guidance_decoder",),
+                   decoder_guidance_interval=("guidance_interval_decoder",))
     for name in ("prior_guidance", "decoder_guidance"):
         if not math.isfinite(settings[name]):
             raise click.BadParameter(f"must be a finite number, got {settings[name]}",
                                      param_hint=f"--{name.replace('_', '-').replace('prior-g', 'g')}")
-    return settings
+    return {name: value for name, value in settings.items() if given(*options.get(name, (name,)))}
+
+
+def _given_on_command_line():
+    """A test: was any of these options set by the user (not left at its default)?"""
+    ctx = click.get_current_context(silent=True)
+    if ctx is None:
+        return lambda *names: True
+    from click.core import ParameterSource
+    return lambda *names: any(ctx.get_parameter_source(n) not in (ParameterSource.DEFAULT, None) for n in names)
 
 
 def check_output(out: str, count: int, grid: bool, suffixes=(".png",)) -> None:
@@ -804,8 +831,9 @@ def info(model):
               help="Write (or replace) this model's section in a Markdown report, e.g. docs/MODELS.md.")
 @click.option("--name", default=None, help="Section title [default: the model name].")
 @click.option("--grid", type=click.Path(dir_okay=False), default=None, help="Write a sample grid PNG.")
-@click.option("--image-candidates", type=click.IntRange(min=1, max=64), default=1, show_default=True,
-              help="Decoder samples per caption, reranked by the CLIP (as in `unclip generate`).")
+@click.option("--image-candidates", type=click.IntRange(min=1, max=64), default=None,
+              help="Decoder samples per caption, reranked by the CLIP (as in `unclip generate`) [default: the "
+                   "model's own (shapes: 4), else 1].")
 @friendly_errors
 def eval_model(model, test, train_data, n, seed, json_out, markdown, name, grid, image_candidates):
     """Quality report: prior cosines, CLIP R-precision, FD in CLIP space, shapes oracle.
@@ -818,7 +846,7 @@ def eval_model(model, test, train_data, n, seed, json_out, markdown, name, grid,
     from unclip.config import write_json
     from unclip.eval.report import evaluate_model, markdown as to_markdown, update_markdown
 
-    settings = {"image_candidates": image_candidates} if image_candidates > 1 else {}
+    settings = {"image_candidates": image_candidates} if image_candidates is not None else {}
     report = evaluate_model(model, test, train_data, n=n, seed=seed, grid=grid, **settings)
     if json_out:
         write_json(json_out, report)

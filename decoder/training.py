@@ -13,6 +13,8 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import os
+import re
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -196,7 +198,43 @@ def encode_pairs(clip: ClipEncoder, source, progress: bool,
     return source, image_emb, encode_captions(clip, captions, progress=progress, with_input=with_input), skipped
 
 
-def encoded_once(clip: ClipEncoder, config: DecoderConfig, source, heldout: int, seed: int, progress: bool):
+def check_oversample(oversample: Sequence[tuple[str, int]]) -> list[re.Pattern]:
+    """The compiled patterns of [(regex, times), ...]; ValueError for a bad pattern or a factor below 1."""
+    compiled = []
+    for item in oversample:
+        if not isinstance(item, (list, tuple)) or len(item) != 2:
+            raise ValueError(f"oversample takes (regex, times) pairs, got {item!r}")
+        pattern, factor = item
+        if isinstance(factor, bool) or not isinstance(factor, int) or factor < 1:
+            raise ValueError(f"oversample factor for {pattern!r} must be a whole number >= 1, got {factor!r}")
+        try:
+            compiled.append(re.compile(pattern))
+        except (re.error, TypeError) as error:
+            raise ValueError(f"oversample pattern {pattern!r} is not a regular expression: {error}") from None
+    return compiled
+
+
+def oversample_rows(rows: torch.Tensor, captions: Sequence[str],
+                    oversample: Sequence[tuple[str, int]]) -> tuple[torch.Tensor, list[list]]:
+    """Repeat the rows whose caption matches a pattern: `oversample` is [(regex, times), ...] and a row is taken
+    as many times as the largest factor among the patterns it matches (`re.search`; once if none).
+
+    Returns (the rows, repeats kept together in data order, and [[regex, times, rows matched], ...]). A pattern
+    that is not a regular expression, a factor below 1, or a pattern matching no caption raises ValueError.
+    """
+    times = torch.ones(len(rows), dtype=torch.long)
+    matched = []
+    for (pattern, factor), regex in zip(oversample, check_oversample(oversample)):
+        hits = torch.tensor([bool(regex.search(captions[int(r)])) for r in rows], dtype=torch.bool)
+        if not hits.any():
+            raise ValueError(f"oversample pattern {pattern!r} matches none of the {len(rows)} training captions")
+        times[hits] = torch.clamp(times[hits], min=factor)
+        matched.append([pattern, factor, int(hits.sum())])
+    return rows.repeat_interleave(times), matched
+
+
+def encoded_once(clip: ClipEncoder, config: DecoderConfig, source, heldout: int, seed: int, progress: bool,
+                 oversample: Sequence[tuple[str, int]] = ()):
     """Map-style data: (train set, held-out items for the grids, info, samples left out as unreadable)."""
     source, image_emb, text, skipped = encode_pairs(clip, source, progress, config.text_encoder == "clip+input")
     if config.text_encoder == "transformer":  # the decoder's own text transformer reads token ids [U, L]
@@ -206,6 +244,10 @@ def encoded_once(clip: ClipEncoder, config: DecoderConfig, source, heldout: int,
     shown = torch.utils.data.default_collate(
         [DecoderDataset(source, shown_rows, image_emb, text, config.image_size)[i] for i in range(len(shown_rows))])
     info = {"train_samples": len(train_rows), "heldout_samples": len(heldout_rows)}
+    if oversample:
+        row_captions = [text["captions"][int(i)] for i in text["index"]]   # caption of each sample
+        train_rows, info["oversample"] = oversample_rows(train_rows, row_captions, oversample)
+        info["epoch_samples"] = len(train_rows)
     return DecoderDataset(source, train_rows, image_emb, text, config.image_size), shown, info, skipped
 
 
@@ -226,27 +268,33 @@ def streamed(clip: ClipEncoder, config: DecoderConfig, stream: IterableDataset, 
 
 def train_decoder(model_dir: str | os.PathLike, data, *, train_config: TrainConfig, preset: str = "tiny",
                   config: DecoderConfig | None = None, run_dir=None, resume: bool = False, heldout: int = 8,
-                  sample_steps: int = 25, progress: bool = True, init_from=None) -> Decoder:
+                  sample_steps: int = 25, progress: bool = True, init_from=None,
+                  oversample: Sequence[tuple[str, int]] = ()) -> Decoder:
     """Train MODEL_DIR/decoder on image-caption pairs (a folder, shards, or a data set of {"image", "caption"}).
 
     The frozen MODEL_DIR/clip encodes every image and unique caption of a map-style data set once, keeping up
     to `heldout` pairs out for the sample grids; streamed shards (an IterableDataset) are encoded batch by batch
     in the loss, and their first 4 items make the grids. The EMA weights are exported to MODEL_DIR/decoder.
     `init_from`: a decoder folder to start from (fine-tuning; `Decoder.warm_start`), instead of a fresh
-    initialisation. Returns the EMA model.
+    initialisation. `oversample`: [(regex, times), ...] to see the pairs whose caption matches more often
+    (`oversample_rows`; map-style data only). Returns the EMA model.
     """
     model_dir = Path(model_dir)
     run_dir = Path(run_dir) if run_dir is not None else model_dir / "runs" / "decoder"
+    check_oversample(oversample)  # before minutes of encoding
     clip = ClipEncoder.load(model_dir / "clip").eval().requires_grad_(False)
     if resume:
         config = _resumed_config(run_dir, "decoder", DecoderConfig) or config
     config = make_decoder_config(clip, preset, config)
     source = open_data(data, max(config.image_size, clip.image_size))
     if isinstance(source, IterableDataset):
+        if oversample:
+            raise ValueError("oversample needs map-style data (a folder of pairs), not streamed shards")
         train_set, shown, counts = streamed(clip, config, source)
         loss_fn, skipped = clip_encoded(clip, config), 0
     else:
-        train_set, shown, counts, skipped = encoded_once(clip, config, source, heldout, train_config.seed, progress)
+        train_set, shown, counts, skipped = encoded_once(clip, config, source, heldout, train_config.seed, progress,
+                                                         [tuple(o) for o in oversample])
         loss_fn = decoder_loss
     info = {"decoder": config_to_dict(config), "data": None if isinstance(data, Dataset) else str(data), **counts,
             "init_from": None if init_from is None else str(init_from)}

@@ -51,6 +51,26 @@ def test_generate_png_provenance_and_from_png(tiny_model_dir, tmp_path):
         "decoder_guidance_interval"] == [0.0, 1.0]
 
 
+def test_options_left_at_their_default_give_way_to_the_models_own(tiny_model_dir, tmp_path):
+    import shutil
+
+    model = tmp_path / "own"
+    shutil.copytree(tiny_model_dir, model)
+    index = json.loads((model / "model_index.json").read_text())
+    (model / "model_index.json").write_text(json.dumps({**index, "sampling": {"decoder_steps": 3,
+                                                                                "image_candidates": 2}}))
+    fast = ["--steps-prior", "2", "--steps-upsampler", "2", "--quiet"]
+    result = run("generate", "a red circle", "--model", model, "-o", tmp_path / "a.png", *fast)
+    assert result.exit_code == 0, result.output
+    settings = json.loads(Image.open(tmp_path / "a.png").text["unclip"])["settings"]
+    assert settings["decoder_steps"] == 3 and settings["image_candidates"] == 2 and settings["prior_steps"] == 2
+    result = run("generate", "a red circle", "--model", model, "-o", tmp_path / "b.png", "--steps-decoder", 2,
+                 "--image-candidates", 1, *fast)
+    assert result.exit_code == 0, result.output
+    settings = json.loads(Image.open(tmp_path / "b.png").text["unclip"])["settings"]
+    assert settings["decoder_steps"] == 2 and settings["image_candidates"] == 1  # given on the command line: kept
+
+
 def _text_chunks(texts: dict):
     from PIL.PngImagePlugin import PngInfo
 

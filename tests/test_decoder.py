@@ -13,7 +13,8 @@ from decoder.config import TEXT_ENCODERS, DecoderConfig, UpsamplerConfig, decode
 from decoder.loss import decoder_loss, min_snr_weight, upsampler_loss
 from decoder.model import Decoder
 from decoder.sample import GUIDANCE_INTERVAL, make_stage_scheduler, sample_decoder, upsample
-from decoder.training import encode_batch, encoded_once, make_decoder_config, train_decoder, train_upsampler
+from decoder.training import (encode_batch, encoded_once, make_decoder_config, oversample_rows, train_decoder,
+                              train_upsampler)
 from decoder.upsampler import Upsampler, corrupt, gaussian_blur
 from unclip.pipeline import SamplingSettings
 from unclip.sampling import denoise
@@ -406,6 +407,37 @@ def test_train_decoder_resumes_from_saved_step(model_dir):
         train_decoder(model_dir, Pairs(12, 32), train_config=train_config, **run)
 
 
+def test_oversample_repeats_matching_captions():
+    captions = ["a red circle", "two red circles", "a red circle above a blue square", "three blue squares"]
+    rows, matched = oversample_rows(torch.arange(4), captions, [(" above ", 3), ("^(two|three) ", 2)])
+    assert rows.tolist() == [0, 1, 1, 2, 2, 2, 3, 3]
+    assert matched == [[" above ", 3, 1], ["^(two|three) ", 2, 2]]
+    rows, _ = oversample_rows(torch.tensor([2, 0]), captions, [("red", 2), (" above ", 4)])
+    assert rows.tolist() == [2, 2, 2, 2, 0, 0]  # the largest factor of the patterns a caption matches
+    for bad, message in [([("(", 2)], "not a regular expression"), ([("red", 0)], "whole number"),
+                         ([("red", 1.5)], "whole number"), ([("green", 2)], "matches none"), (["red"], "pairs")]:
+        with pytest.raises(ValueError, match=message):
+            oversample_rows(torch.arange(4), captions, bad)
+
+
+def test_train_decoder_oversamples_and_records_it(model_dir, tiny_clip):
+    config = make_decoder_config(tiny_clip, config=tiny_decoder_config(embed_dim=0, text_width=0, context_length=0))
+    pairs = Pairs(12, 32)
+    train_set, _, info, _ = encoded_once(tiny_clip, config, pairs, heldout=0, seed=0, progress=False,
+                                         oversample=[("^two ", 3)])
+    seen = [pairs.captions[int(r)] for r in train_set.rows]
+    assert seen.count("two green triangles") == 3 * pairs.captions.count("two green triangles")
+    assert len(seen) == info["epoch_samples"] == 12 + 2 * 3 and info["oversample"] == [["^two ", 3, 3]]
+    train_config = TrainConfig(steps=1, batch_size=4, warmup_steps=1, checkpoint_every=1)
+    train_decoder(model_dir, pairs, train_config=train_config, config=config, heldout=2, sample_steps=1,
+                  progress=False, oversample=[("^two ", 3)])
+    recorded = json.loads((model_dir / "runs" / "decoder" / "train_config.json").read_text())
+    assert recorded["oversample"][0][:2] == ["^two ", 3] and recorded["epoch_samples"] > recorded["train_samples"]
+    with pytest.raises(ValueError, match="not a regular expression"):  # checked before any encoding
+        train_decoder(model_dir, pairs, train_config=train_config, config=config, run_dir=model_dir / "r2",
+                      progress=False, oversample=[("[", 2)])
+
+
 def test_train_transformer_decoder_then_generate(model_dir):
     from conftest import make_tiny_pipeline
     from unclip.clip import ClipEncoder
@@ -534,6 +566,12 @@ def test_cli_train_decoder_and_upsampler(model_dir, tmp_path):
     result = runner.invoke(main, ["train", "upsampler", *common, "--size", "64", "--aug-max", "0.2"])
     assert result.exit_code == 0, result.output
     assert (model_dir / "upsampler_64" / "model.safetensors").is_file()
+    result = runner.invoke(main, ["train", "decoder", *common, "--oversample", "^two =2", "--run-dir",
+                                  str(tmp_path / "run-over")])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "run-over" / "train_config.json").read_text())["oversample"] == [["^two ", 2, 1]]
+    result = runner.invoke(main, ["train", "decoder", *common, "--oversample", "^two"])
+    assert result.exit_code != 0 and "REGEX=N" in result.output
     result = runner.invoke(main, ["train", "decoder", *common[:4], "--text-drop", "1.5"])
     assert result.exit_code != 0 and "--text-drop" in result.output
     result = runner.invoke(main, ["train", "decoder", "--model", str(tmp_path), "--data", str(tmp_path / "pairs")])

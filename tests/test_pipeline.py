@@ -1,6 +1,7 @@
 """UnCLIPPipeline end to end on a tiny random model: every use, determinism, save/load, errors."""
 
 import dataclasses
+import json
 import shutil
 
 import numpy as np
@@ -176,6 +177,30 @@ def test_image_candidates_keep_the_one_clip_ranks_first(pipe):
     assert np.array_equal(pixels(again.images), pixels(best.images))
     with pytest.raises(ValueError, match="image candidates must be at least 1"):
         pipe("a red circle", image_candidates=0)
+
+
+def test_a_models_own_sampling_defaults(pipe, tmp_path):
+    pipe.sampling = {"decoder_steps": 3, "image_candidates": 2}
+    try:
+        pipe.save_pretrained(tmp_path / "m")
+    finally:
+        pipe.sampling = {}
+    own = UnCLIPPipeline.from_pretrained(tmp_path / "m")
+    assert own.sampling == {"decoder_steps": 3, "image_candidates": 2}
+    used = own.generate("a red circle", seed=0, prior_steps=2, upsampler_steps=2).info["settings"]
+    assert used["decoder_steps"] == 3 and used["image_candidates"] == 2 and used["prior_steps"] == 2
+    assert own.generate("a red circle", seed=0, image_candidates=1, **FAST).info["settings"]["image_candidates"] == 1
+    assert own.vary(Image.new("RGB", (16, 16)), **FAST).info["settings"]["image_candidates"] == 2
+    index = tmp_path / "m" / "model_index.json"
+    data = json.loads(index.read_text())
+    for bad, message in [({"decoder_stepz": 3}, "unknown sampling settings"), ({"decoder_steps": 0}, "at least 1"),
+                         ([4], "object of SamplingSettings fields")]:
+        index.write_text(json.dumps({**data, "sampling": bad}))
+        with pytest.raises(ValueError, match=message) as error:
+            UnCLIPPipeline.from_pretrained(tmp_path / "m")
+        assert "model_index.json" in str(error.value)
+    with pytest.raises(ValueError, match="unknown sampling settings"):
+        pipe("a red circle", decoder_stepz=3)
 
 
 def test_bad_settings_fail_loudly(pipe):

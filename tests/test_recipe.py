@@ -22,11 +22,12 @@ RECIPE = {
     "prior": {"preset": "tiny", "train": TINY_TRAIN},
     "decoder": {"preset": "tiny", "config": {"block_out_channels": [32, 32], "attention_levels": [False, True],
                                             "layers_per_block": 1}, "train": TINY_TRAIN,
-                "finetune": {**TINY_TRAIN, "lr_schedule": "cosine", "seed": 1}},
+                "finetune": [{**TINY_TRAIN, "lr_schedule": "cosine", "seed": 1},
+                             {**TINY_TRAIN, "oversample": [[" (to the left of|to the right of|above|below) ", 3]]}]},
     "upsampler": {"size": 64, "preset": "tiny-64", "config": {"block_out_channels": [32, 32],
                                                               "attention_levels": [False, False]},
                   "train": TINY_TRAIN},
-    "export": {},
+    "export": {"sampling": {"image_candidates": 2}},
 }
 
 
@@ -49,9 +50,13 @@ def test_recipe_runs_every_stage_resumes_and_reports(tiny_run, tmp_path):
     export = run / "export"
     index = json.loads((export / "model_index.json").read_text())
     assert set(index["components"]) == {"clip", "prior", "decoder", "upsampler_64"}
+    assert index["sampling"] == {"image_candidates": 2}  # the recipe's sampling defaults travel with the model
     finetune = json.loads((run / "runs" / "decoder-finetune" / "train_config.json").read_text())
     assert finetune["init_from"] == str(run / "model" / "decoder") and finetune["train"]["lr_schedule"] == "cosine"
     assert (run / "runs" / "decoder-finetune" / "checkpoints").is_dir()
+    second = json.loads((run / "runs" / "decoder-finetune-2" / "train_config.json").read_text())
+    assert second["init_from"] == str(run / "model" / "decoder") and second["oversample"][0][1] == 3
+    assert second["epoch_samples"] == second["train_samples"] + 2 * second["oversample"][0][2]
     clip_info = json.loads((run / "runs" / "clip" / "train_config.json").read_text())
     assert clip_info["negative_swaps"] == [["left", "right"]] and clip_info["negative_reorders"] == []
     clip_finetune = json.loads((run / "runs" / "clip-finetune" / "train_config.json").read_text())
@@ -107,6 +112,16 @@ def test_recipe_validation(tmp_path):
         load_recipe(bad)
     bad.write_text(json.dumps({"name": "x", "clip": {"finetune": {"train": {}, "negative_reorder": ["above"]}}}))
     with pytest.raises(ValueError, match="unknown keys"):
+        load_recipe(bad)
+    for decoder, message in [({"finetune": [{"steps": 2, "oversample": [["(", 2]]}]}, "not a regular expression"),
+                             ({"oversample": [["above", 0]]}, "whole number"),
+                             ({"finetune": [{"stepz": 2}]}, "unknown config keys"),
+                             ({"finetune": "long"}, "list of them")]:
+        bad.write_text(json.dumps({"name": "x", "decoder": decoder}))
+        with pytest.raises(ValueError, match=message):
+            load_recipe(bad)
+    bad.write_text(json.dumps({"name": "x", "export": {"sampling": {"image_candidatez": 4}}}))
+    with pytest.raises(ValueError, match="unknown sampling settings"):
         load_recipe(bad)
 
 

@@ -75,6 +75,17 @@ class SamplingSettings:
             raise ValueError(f"dynamic threshold is a percentile in (0.5, 1], got {self.dynamic_threshold}")
 
 
+def sampling_settings(values: dict) -> SamplingSettings:
+    """SamplingSettings from a dict of some of its fields; ValueError for anything else or a bad value."""
+    if not isinstance(values, dict):
+        raise ValueError(f"sampling settings are an object of SamplingSettings fields, got {values!r}")
+    known = [f.name for f in dataclasses.fields(SamplingSettings)]
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ValueError(f"unknown sampling settings {unknown} (known: {', '.join(known)})")
+    return SamplingSettings(**values)
+
+
 @dataclass
 class UnCLIPOutput:
     """PIL images plus every stage's output, so each stage can be re-run from the one before."""
@@ -90,10 +101,12 @@ class UnCLIPPipeline:
     """CLIP + prior + decoder + upsamplers, loaded from one model folder."""
 
     def __init__(self, clip: ClipEncoder, prior: DiffusionPrior | None, decoder: Decoder,
-                 upsamplers: Sequence[Upsampler] = (), model_id: str = ""):
+                 upsamplers: Sequence[Upsampler] = (), model_id: str = "", sampling: dict | None = None):
         self.clip, self.prior, self.decoder = clip.eval(), prior.eval() if prior else None, decoder.eval()
         self.upsamplers = sorted(upsamplers, key=lambda u: u.config.image_size)
         self.model_id = model_id
+        sampling_settings(sampling or {})     # bad defaults fail here, not at the first image
+        self.sampling = dict(sampling or {})  # this model's own sampling defaults (model_index.json "sampling")
         self.device, self._dtype = torch.device("cpu"), "auto"
         self.progress = True
         _check_sizes(self)
@@ -121,8 +134,13 @@ class UnCLIPPipeline:
                                  f"(found: {', '.join(components) or 'nothing'}); train it with `unclip train {needed}`")
         ups = [Upsampler.load(folder / name) for name, kind in components.items() if kind == "upsampler"]
         prior = DiffusionPrior.load(folder / "prior") if "prior" in components else None
+        try:
+            sampling_settings(index.get("sampling", {}))  # before any weights are read
+        except ValueError as error:
+            raise ValueError(f'{folder / "model_index.json"}, "sampling": {error}') from None
         return cls(ClipEncoder.load(folder / "clip"), prior, Decoder.load(folder / "decoder"), ups,
-                   model_id=str(path_or_name) if path_or_name is not None else DEFAULT_MODEL)
+                   model_id=str(path_or_name) if path_or_name is not None else DEFAULT_MODEL,
+                   sampling=index.get("sampling"))
 
     def save_pretrained(self, path: str | os.PathLike, dtype: torch.dtype | None = None) -> None:
         """Write every component folder and model_index.json (weights as safetensors, optionally fp16)."""
@@ -135,7 +153,8 @@ class UnCLIPPipeline:
             up.save(path / f"upsampler_{up.config.image_size}", dtype=dtype)
         components = {"clip": "clip", "decoder": "decoder", **({"prior": "prior"} if self.prior else {}),
                       **{f"upsampler_{u.config.image_size}": "upsampler" for u in self.upsamplers}}
-        write_model_index(path, components, clip=dataclasses.asdict(self.clip.config) | {"vision": {}, "text": {}})
+        write_model_index(path, components, clip=dataclasses.asdict(self.clip.config) | {"vision": {}, "text": {}},
+                          **({"sampling": self.sampling} if self.sampling else {}))
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | str | None = None):
         """Move every component; `dtype` (auto / fp32 / bf16 / fp16) sets the autocast precision of the networks."""
@@ -181,6 +200,11 @@ class UnCLIPPipeline:
         for unet in (self.decoder.unet, *(up.unet for up in self.upsamplers)):
             unet.compile(dynamic=False, options={"freezing": freeze})
         return self
+
+    def settings(self, **given) -> SamplingSettings:
+        """The sampling settings of a call: SamplingSettings' defaults, overridden by this model's own (the
+        "sampling" object of its model_index.json, e.g. {"image_candidates": 4}), overridden by `given`."""
+        return sampling_settings({**self.sampling, **given})
 
     def modules(self) -> list[torch.nn.Module]:
         return [m for m in (self.clip, self.prior, self.decoder, *self.upsamplers) if m is not None]
@@ -245,7 +269,7 @@ class UnCLIPPipeline:
         and keeps the one whose CLIP image embedding is closest to the text embedding (to image_emb without
         text): best-of-k reranking, k times the decoder's cost. `latents["decoder"]` is then the kept noise.
         """
-        settings = SamplingSettings(**settings) if isinstance(settings, dict) else settings or SamplingSettings()
+        settings = self.settings(**settings) if isinstance(settings, dict) else settings or self.settings()
         latents = dict(latents or {})
         b = image_emb.shape[0]
         s = self.decoder.config.image_size
@@ -290,7 +314,7 @@ class UnCLIPPipeline:
                  seed: int | None = None, generator: torch.Generator | None = None, prior_free: bool = False,
                  image_emb: torch.Tensor | None = None, latents: dict | None = None, **settings) -> UnCLIPOutput:
         """Prompt(s) -> `num_images` images each (prior, then decoder, then upsamplers)."""
-        settings = SamplingSettings(**settings)
+        settings = self.settings(**settings)
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if num_images < 1:
             raise ValueError(f"num_images must be at least 1, got {num_images}")
@@ -313,7 +337,7 @@ class UnCLIPPipeline:
              invert: bool = False, latents: dict | None = None, **settings) -> UnCLIPOutput:
         """Variations of pictures: decode their CLIP image embedding with fresh noise, or with the picture's
         DDIM-inverted noise (`invert=True`) to keep its layout."""
-        settings = SamplingSettings(**settings)
+        settings = self.settings(**settings)
         pictures = _as_images(images)
         image_emb = self.encode_image(pictures).repeat_interleave(num_images, dim=0)
         latents = dict(latents or {})
@@ -327,7 +351,7 @@ class UnCLIPPipeline:
 
     def invert(self, images, settings: SamplingSettings | None = None) -> torch.Tensor:
         """DDIM inversion (Song et al. 2021): the decoder noise [B, 3, s, s] that re-creates these pictures."""
-        settings = settings or SamplingSettings()
+        settings = settings or self.settings()
         pictures = _as_images(images)
         s = self.decoder.config.image_size
         x0 = pil_to_tensor(pictures, s).to(self.device)
@@ -344,7 +368,7 @@ class UnCLIPPipeline:
         if isinstance(item, str) and not Path(item).is_file():
             if Path(item).suffix.lower() in (".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff"):
                 raise ValueError(f"image not found: {item} (a prompt is text without a file extension)")
-            emb, _ = self.sample_image_emb([item], SamplingSettings(), seeds=[0])
+            emb, _ = self.sample_image_emb([item], self.settings(), seeds=[0])
             return emb[0]
         return self.encode_image([item])[0]
 
@@ -354,7 +378,7 @@ class UnCLIPPipeline:
         if frames < 2:
             raise ValueError(f"interpolation needs at least 2 frames, got {frames}")
         path = slerp(self.embed(a), self.embed(b), torch.linspace(0, 1, frames))   # [T, D]
-        out = self._decode_fixed_noise(path, seed, generator, SamplingSettings(**settings))
+        out = self._decode_fixed_noise(path, seed, generator, self.settings(**settings))
         out.info = self._info("interpolate", out.info["settings"], seed, a=str(a), b=str(b), frames=frames)
         return out
 
@@ -364,8 +388,9 @@ class UnCLIPPipeline:
         weights = weights or [1.0] * len(items)
         emb = mix(torch.stack([self.embed(item) for item in items]), weights)
         seeds = _seeds(seed, num_images, generator)
-        out = self.decode(emb[None].repeat(num_images, 1), None, SamplingSettings(**settings), seeds, generator)
-        out.info = self._info("mix", SamplingSettings(**settings), seed, items=[str(i) for i in items],
+        settings = self.settings(**settings)
+        out = self.decode(emb[None].repeat(num_images, 1), None, settings, seeds, generator)
+        out.info = self._info("mix", settings, seed, items=[str(i) for i in items],
                               weights=list(weights))
         return out
 
@@ -376,7 +401,7 @@ class UnCLIPPipeline:
         `amount` (θ in [0, 1]; the paper shows 0–0.5) may be a list for a sweep. The decoder noise is held
         fixed across amounts: the picture's DDIM-inverted noise when `invert`, else seeded noise.
         """
-        settings = SamplingSettings(**settings)
+        settings = self.settings(**settings)
         picture = _as_images([image])
         (from_emb, to_emb) = self.encode_text([from_text, to_text])[0]
         amounts = [amount] if isinstance(amount, (int, float)) else list(amount)

@@ -25,8 +25,8 @@ STAGES = ("data", "clip", "embeddings", "prior", "decoder", "upsampler", "export
 CLIP_OPTIONS = ("negative_swaps", "mirror_swaps", "negative_reorders")  # a clip finetune phase may override them
 SECTION_KEYS = {"clip": {"preset", "heldout", *CLIP_OPTIONS, "train", "finetune"}, "embeddings": {"options"},
                 "prior": {"preset", "train"},
-                "decoder": {"preset", "config", "train", "finetune"}, "upsampler": {"size", "preset", "config", "train"},
-                "export": {"path", "bundle"}}  # the "data" section passes its keys to the builder
+                "decoder": {"preset", "config", "train", "oversample", "finetune"}, "upsampler": {"size", "preset", "config", "train"},
+                "export": {"path", "bundle", "sampling"}}  # the "data" section passes its keys to the builder
 
 
 def load_recipe(path: str | os.PathLike) -> dict:
@@ -50,8 +50,8 @@ def load_recipe(path: str | os.PathLike) -> dict:
         try:
             if section is not None:
                 config_from_dict(TrainConfig, section.get("train", {}))
-                if stage == "decoder" and "finetune" in section:
-                    config_from_dict(TrainConfig, section["finetune"])
+                if stage == "decoder":
+                    _decoder_phases(section)
                 if stage == "clip" and "finetune" in section:
                     _check_clip_finetune(section["finetune"])
             if stage == "decoder" and section is not None:
@@ -60,6 +60,11 @@ def load_recipe(path: str | os.PathLike) -> dict:
                 upsampler_preset(section.get("preset", "tiny-64"), **section.get("config", {}))
         except (TypeError, ValueError) as error:
             raise ValueError(f"{path} ({stage}): {error}") from None
+    from .pipeline import sampling_settings
+    try:
+        sampling_settings(recipe.get("export", {}).get("sampling", {}))
+    except ValueError as error:
+        raise ValueError(f"{path} (export sampling): {error}") from None
     return recipe
 
 
@@ -179,18 +184,36 @@ def _prior(recipe: dict, out: Path, progress: bool) -> dict:
     return {}
 
 
+def _decoder_phases(section: dict) -> list[tuple[str, TrainConfig, list]]:
+    """The decoder stage's phases: (run folder name, train config, oversample) for the first phase and each
+    fine-tuning phase ("finetune": one phase's settings, or a list of them, each with its own "oversample")."""
+    from decoder.training import check_oversample
+    finetune = section.get("finetune", [])
+    finetune = [finetune] if isinstance(finetune, dict) else finetune
+    if not isinstance(finetune, list) or not all(isinstance(p, dict) for p in finetune):
+        raise ValueError('decoder "finetune" must be an object of train settings or a list of them')
+    phases = []
+    for i, settings in enumerate([{**section.get("train", {}), "oversample": section.get("oversample", [])},
+                                  *finetune]):
+        settings = dict(settings)
+        oversample = [tuple(o) if isinstance(o, list) else o for o in settings.pop("oversample", [])]
+        check_oversample(oversample)
+        name = "decoder" if i == 0 else "decoder-finetune" if i == 1 else f"decoder-finetune-{i}"
+        phases.append((name, config_from_dict(TrainConfig, settings), oversample))
+    return phases
+
+
 def _decoder(recipe: dict, out: Path, progress: bool) -> dict:
     from decoder.config import decoder_preset
     from decoder.training import train_decoder
     section = recipe["decoder"]
     config = decoder_preset(section.get("preset", "tiny"), **section.get("config", {}))
     data = _train_data(recipe, out)
-    train_decoder(out / "model", data, train_config=_train_config(recipe, "decoder"),
-                  config=config, run_dir=out / "runs" / "decoder", resume=True, progress=progress)
-    if "finetune" in section:  # a second phase from the first one's EMA weights: fresh optimizer, its own schedule
-        train_decoder(out / "model", data, train_config=config_from_dict(TrainConfig, section["finetune"]),
-                      config=config, run_dir=out / "runs" / "decoder-finetune", resume=True, progress=progress,
-                      init_from=out / "model" / "decoder")
+    # later phases start from the phase before's EMA weights, with a fresh optimizer and their own schedule
+    for i, (name, train_config, oversample) in enumerate(_decoder_phases(section)):
+        train_decoder(out / "model", data, train_config=train_config, config=config, run_dir=out / "runs" / name,
+                      resume=True, progress=progress, oversample=oversample,
+                      init_from=None if i == 0 else out / "model" / "decoder")
     return {}
 
 
@@ -209,6 +232,7 @@ def _export(recipe: dict, out: Path, progress: bool) -> dict:
     """Copy the exported (EMA) components as fp16 safetensors into OUT/export (a complete model folder)."""
     from .pipeline import UnCLIPPipeline
     pipe = UnCLIPPipeline.from_pretrained(out / "model")
+    pipe.sampling = recipe["export"].get("sampling", {})  # the model's own sampling defaults, in its model_index
     target = Path(recipe["export"].get("path", out / "export"))
     pipe.save_pretrained(target, dtype=torch.float16)
     update_model_index(target)

@@ -52,7 +52,7 @@ def evaluate_model(model: str | os.PathLike, test: str | os.PathLike, train: str
                    n: int = 200, seed: int = 0, grid: str | os.PathLike | None = None, shapes: bool | None = None,
                    progress: bool = False, **settings) -> dict:
     """The full report for one model: prior, image metrics, shapes oracle (when the data are shapes)."""
-    from ..pipeline import SamplingSettings, UnCLIPPipeline
+    from ..pipeline import UnCLIPPipeline
     from .prior import evaluate_prior
 
     pipe = UnCLIPPipeline.from_pretrained(model)
@@ -62,10 +62,10 @@ def evaluate_model(model: str | os.PathLike, test: str | os.PathLike, train: str
     captions = [test_set.captions[i] for i in rows]
     generated = generate_for_captions(pipe, captions, seed=seed, **settings)
     real = pipe.clip.encode_image(torch.stack([test_set[i]["image"] for i in rows])).cpu()
-    report = {"model": str(model), "settings": settings, "seed": seed,
+    used = pipe.settings(**settings)  # the defaults, the model's own sampling defaults, then `settings`
+    report = {"model": str(model), "settings": settings, "model_sampling": pipe.sampling, "seed": seed,
               "prior": evaluate_prior((pipe.clip, pipe.prior), torch.utils.data.Subset(test_set, rows),
-                                      guidance_scale=settings.get("prior_guidance", SamplingSettings().prior_guidance),
-                                      num_steps=settings.get("prior_steps", SamplingSettings().prior_steps),
+                                      guidance_scale=used.prior_guidance, num_steps=used.prior_steps,
                                       progress=False),
               "images": image_metrics(pipe, generated, captions, real, ImageTextFolder(train, pipe.clip.image_size))}
     if shapes if shapes is not None else (Path(test).parent / "split.json").is_file():
