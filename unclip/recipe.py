@@ -196,7 +196,7 @@ def _decoder_phases(section: dict) -> list[tuple[str, TrainConfig, list]]:
     for i, settings in enumerate([{**section.get("train", {}), "oversample": section.get("oversample", [])},
                                   *finetune]):
         settings = dict(settings)
-        oversample = [tuple(o) if isinstance(o, list) else o for o in settings.pop("oversample", [])]
+        oversample = settings.pop("oversample", [])  # [[regex, times], ...]: train_decoder takes JSON lists
         check_oversample(oversample)
         name = "decoder" if i == 0 else "decoder-finetune" if i == 1 else f"decoder-finetune-{i}"
         phases.append((name, config_from_dict(TrainConfig, settings), oversample))
