@@ -544,8 +544,11 @@ def sampling_options(fn):
         click.option("--dynamic-threshold", type=click.FloatRange(0.5, 1.0, min_open=True), default=None,
                      help="Imagen's dynamic thresholding percentile for the decoder, e.g. 0.995."),
         click.option("--image-candidates", type=click.IntRange(min=1, max=64), default=1,
-                     help="Decoder samples per image; keep the one the CLIP ranks closest to the prompt "
-                          "(k times the decoder's time) [default: the model's own (shapes: 4), else 1]."),
+                     help="Decoder samples per image; keep the one the CLIP ranks best (--rerank; k times the "
+                          "decoder's time) [default: the model's own (shapes: 4), else 1]."),
+        click.option("--rerank", type=click.Choice(["image", "text", "both"]), default="both", show_default=True,
+                     help="What --image-candidates ranks by: closeness to the image embedding the decoder was "
+                          "given, to the prompt, or the sum of both."),
         # Output
         click.option("-o", "--out", "out", type=click.Path(), default="outputs", show_default=True,
                      help="A .png file for one image, or a folder that receives 0000.png, 0001.png, ..."),
@@ -592,7 +595,8 @@ def pop_settings(kw: dict) -> dict:
         options[f"{stage}_steps"] = (f"steps_{stage}",)
     settings.update(prior_guidance=kw.pop("guidance_prior"), decoder_guidance=kw.pop("guidance_decoder"),
                     decoder_guidance_interval=kw.pop("guidance_interval_decoder"),
-                    dynamic_threshold=kw.pop("dynamic_threshold"), image_candidates=kw.pop("image_candidates"))
+                    dynamic_threshold=kw.pop("dynamic_threshold"), image_candidates=kw.pop("image_candidates"),
+                    rerank=kw.pop("rerank"))
     options.update(prior_guidance=("guidance_prior",), decoder_guidance=("guidance_decoder",),
                    decoder_guidance_interval=("guidance_interval_decoder",))
     for name in ("prior_guidance", "decoder_guidance"):
@@ -715,9 +719,10 @@ def settings_from_png(path: str, kw: dict):
         meta = json.loads(raw)
         if isinstance(meta, list) or meta.get("command") != "generate":
             raise click.ClickException(f"{path} was not written by `unclip generate` for a single image")
-        # PNGs from before the guidance interval (2026-12-02) were guided at every decoder step
+        # PNGs from before the guidance interval (2026-12-02) were guided at every decoder step, and those from
+        # before `rerank` (2026-12-06) ranked their image candidates by the prompt
         settings = config_to_dict(config_from_dict(SamplingSettings, {"decoder_guidance_interval": (0.0, 1.0),
-                                                                      **meta["settings"]}))
+                                                                      "rerank": "text", **meta["settings"]}))
         seed, prompt = int(meta["seed"]), str(meta["prompt"])
     except (ValueError, KeyError, TypeError, AttributeError) as error:
         raise click.ClickException(f"{path}: damaged unclip settings ({error.__class__.__name__}: {error}); "
@@ -834,8 +839,10 @@ def info(model):
 @click.option("--image-candidates", type=click.IntRange(min=1, max=64), default=None,
               help="Decoder samples per caption, reranked by the CLIP (as in `unclip generate`) [default: the "
                    "model's own (shapes: 4), else 1].")
+@click.option("--rerank", type=click.Choice(["image", "text", "both"]), default=None,
+              help="What the candidates are ranked by (as in `unclip generate`) [default: the model's own, else both].")
 @friendly_errors
-def eval_model(model, test, train_data, n, seed, json_out, markdown, name, grid, image_candidates):
+def eval_model(model, test, train_data, n, seed, json_out, markdown, name, grid, image_candidates, rerank):
     """Quality report: prior cosines, CLIP R-precision, FD in CLIP space, shapes oracle.
 
     \b
@@ -846,7 +853,8 @@ def eval_model(model, test, train_data, n, seed, json_out, markdown, name, grid,
     from unclip.config import write_json
     from unclip.eval.report import evaluate_model, markdown as to_markdown, update_markdown
 
-    settings = {"image_candidates": image_candidates} if image_candidates is not None else {}
+    given = {"image_candidates": image_candidates, "rerank": rerank}
+    settings = {key: value for key, value in given.items() if value is not None}
     report = evaluate_model(model, test, train_data, n=n, seed=seed, grid=grid, **settings)
     if json_out:
         write_json(json_out, report)

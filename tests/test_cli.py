@@ -31,24 +31,25 @@ def test_generate_png_provenance_and_from_png(tiny_model_dir, tmp_path):
     assert result.exit_code == 0, result.output
     meta = json.loads(Image.open(out).text["unclip"])
     assert meta["prompt"] == "a red circle" and meta["seed"] == 7 and meta["settings"]["decoder_steps"] == 2
-    assert meta["settings"]["image_candidates"] == 2  # and --from-png reranks the same way
+    assert meta["settings"]["image_candidates"] == 2 and meta["settings"]["rerank"] == "both"  # --from-png too
     again = tmp_path / "b.png"
     result = run("generate", "--from-png", out, "-o", again, "--quiet")
     assert result.exit_code == 0, result.output
     assert np.array_equal(np.asarray(Image.open(out)), np.asarray(Image.open(again)))
     # a PNG written before the guidance interval existed was guided at every step, and is re-created so
+    # and one from before `rerank` ranked its candidates by the prompt
     old = tmp_path / "old.png"
     result = run("generate", "a red circle", "--model", tiny_model_dir, "--seed", 7, "--guidance-interval-decoder",
-                 0, 1, "-o", old, *FAST)
+                 0, 1, "--image-candidates", 3, "--rerank", "text", "-o", old, *FAST)
     assert result.exit_code == 0, result.output
     meta = json.loads(Image.open(old).text["unclip"])
-    del meta["settings"]["decoder_guidance_interval"]
+    del meta["settings"]["decoder_guidance_interval"], meta["settings"]["rerank"]
     Image.open(old).save(old, pnginfo=_text_chunks({"unclip": json.dumps(meta)}))
     result = run("generate", "--from-png", old, "-o", tmp_path / "old-again.png", "--quiet")
     assert result.exit_code == 0, result.output
     assert np.array_equal(np.asarray(Image.open(old)), np.asarray(Image.open(tmp_path / "old-again.png")))
-    assert json.loads(Image.open(tmp_path / "old-again.png").text["unclip"])["settings"][
-        "decoder_guidance_interval"] == [0.0, 1.0]
+    again = json.loads(Image.open(tmp_path / "old-again.png").text["unclip"])["settings"]
+    assert again["decoder_guidance_interval"] == [0.0, 1.0] and again["rerank"] == "text"
 
 
 def test_options_left_at_their_default_give_way_to_the_models_own(tiny_model_dir, tmp_path):

@@ -7,10 +7,12 @@ import shutil
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from conftest import make_tiny_pipeline
 from unclip import UnCLIPPipeline, mix, slerp, text_diff
+from unclip.pipeline import rerank_scores
 
 FAST = dict(prior_steps=2, decoder_steps=2, upsampler_steps=2)
 
@@ -162,13 +164,19 @@ def test_decoder_with_its_own_text_transformer(pipe, tmp_path):
         UnCLIPPipeline(pipe.clip, pipe.prior, wrong, pipe.upsamplers)
 
 
-def test_image_candidates_keep_the_one_clip_ranks_first(pipe):
+@pytest.mark.parametrize("rerank", ["image", "text", "both"])
+def test_image_candidates_keep_the_one_clip_ranks_first(pipe, rerank):
     prompts = ["a red circle", "two blue squares"]
     one = pipe.generate(prompts, seed=0, **FAST)
-    best = pipe.generate(prompts, seed=0, image_candidates=4, **FAST)
+    best = pipe.generate(prompts, seed=0, image_candidates=4, rerank=rerank, **FAST)
     assert best.base.shape == one.base.shape and best.latents["decoder"].shape == one.latents["decoder"].shape
-    text = pipe.encode_text(prompts)[0]
-    clip_score = lambda base: (pipe.clip.encode_image(base) * text).sum(-1)  # noqa: E731
+    assert torch.equal(best.image_emb, one.image_emb)  # the prior's pick is the same; only the decoder redraws
+    targets = {"image": [one.image_emb], "text": [pipe.encode_text(prompts)[0]]}
+    targets["both"] = targets["image"] + targets["text"]
+
+    def clip_score(base):
+        return sum(F.cosine_similarity(pipe.clip.encode_image(base), t) for t in targets[rerank])
+
     # candidate 0 draws the noise that image_candidates=1 draws, so best-of-4 never ranks below the default
     assert torch.all(clip_score(best.base) >= clip_score(one.base) - 1e-5)
     assert not torch.equal(best.base, one.base)  # 4 random candidates: some other one won somewhere
@@ -177,6 +185,17 @@ def test_image_candidates_keep_the_one_clip_ranks_first(pipe):
     assert np.array_equal(pixels(again.images), pixels(best.images))
     with pytest.raises(ValueError, match="image candidates must be at least 1"):
         pipe("a red circle", image_candidates=0)
+    with pytest.raises(ValueError, match="rerank must be one of image, text, both"):
+        pipe("a red circle", image_candidates=2, rerank="oracle")
+
+
+def test_rerank_scores_rank_by_the_named_embeddings():
+    image, text = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 2.0]])
+    candidates = torch.tensor([[[3.0, 0.0], [0.0, 1.0], [1.0, 1.0]]])  # [1, 3, 2]: like the image, the text, both
+    assert rerank_scores(candidates, image, text, "image").argmax().item() == 0
+    assert rerank_scores(candidates, image, text, "text").argmax().item() == 1
+    assert rerank_scores(candidates, image, text, "both").argmax().item() == 2  # cosines, so scale does not count
+    assert torch.equal(rerank_scores(candidates, image, None, "text"), rerank_scores(candidates, image, None, "image"))
 
 
 def test_a_models_own_sampling_defaults(pipe, tmp_path):

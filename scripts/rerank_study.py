@@ -1,0 +1,94 @@
+"""Which judge should best-of-k reranking use? Score every decoder sample with the shapes oracle and with each judge.
+
+For held-out relation and count captions, one prior embedding per caption and K decoder samples from it; each sample
+gets the oracle's verdict and its CLIP image embedding's cosine to the prompt's text embedding and to the image
+embedding the decoder was given. Best of k (k divides K) is then read K / k times per caption for every judge
+(`unclip.pipeline.rerank_scores`), next to a random pick (the first sample of each group). What chose the default
+`rerank` (docs/MODELS.md, "What best of 4 ranks by"):
+
+    python scripts/rerank_study.py --model shapes --data runs/shapes/data/test --relations 80 --counts 60 --k 4 \\
+        --samples 8 --json rerank.json
+"""
+
+import argparse
+import json
+import statistics
+
+import torch
+
+from unclip.data.datasets import ImageTextFolder
+from unclip.data.shapes import parse_caption
+from unclip.eval.shapes import check, detect_objects
+from unclip.pipeline import RERANK, UnCLIPPipeline, rerank_scores
+
+
+def sample_captions(pipe, captions, samples, seed):
+    """Per caption: K samples' oracle verdicts and CLIP image embeddings, the prior's embedding and the text's."""
+    rows = []
+    settings = pipe.settings(image_candidates=1)
+    for start in range(0, len(captions), 10):
+        batch = captions[start:start + 10]
+        seeds = list(range(seed + start, seed + start + len(batch)))
+        text = pipe.encode_text(batch)
+        image_emb, _ = pipe.sample_image_emb(batch, settings, seeds, text=text)
+        repeated = [c for c in batch for _ in range(samples)]
+        out = pipe.decode(image_emb.repeat_interleave(samples, 0), pipe.decoder_text(repeated), settings,
+                          seeds=[s * samples + j for s in seeds for j in range(samples)])
+        with torch.inference_mode():
+            features = pipe.clip.encode_image(out.base).view(len(batch), samples, -1)
+        for i, caption in enumerate(batch):
+            request = parse_caption(caption)
+            ok = [check(detect_objects(image), request) for image in out.images[i * samples:(i + 1) * samples]]
+            rows.append(dict(caption=caption, kind=request.kind, ok=ok, features=features[i],
+                             image_emb=image_emb[i], text_emb=text[0][i]))
+        print(f"{start + len(batch)} / {len(captions)} captions", flush=True)
+    return rows
+
+
+def best_of(rows, k, judge):
+    """Oracle accuracy of the sample each judge keeps from each group of k ("random": the group's first)."""
+    picks = []
+    for row in rows:
+        for group in range(0, len(row["ok"]), k):
+            if judge == "random":
+                picks.append(row["ok"][group])
+                continue
+            scores = rerank_scores(row["features"][None, group:group + k], row["image_emb"][None],
+                                   row["text_emb"][None], judge)
+            picks.append(row["ok"][group + int(scores.argmax())])
+    return statistics.mean(picks), len(picks)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="shapes")
+    parser.add_argument("--data", required=True, help="a shapes test split (unclip data shapes)")
+    parser.add_argument("--relations", type=int, default=80)
+    parser.add_argument("--counts", type=int, default=60)
+    parser.add_argument("--samples", type=int, default=8, help="decoder samples per caption (K)")
+    parser.add_argument("--k", type=int, default=4, help="best of k")
+    parser.add_argument("--seed", type=int, default=1000)
+    parser.add_argument("--json", help="write the table here")
+    args = parser.parse_args()
+    if args.samples % args.k:
+        raise SystemExit(f"--samples {args.samples} is not a multiple of --k {args.k}")
+    pipe = UnCLIPPipeline.from_pretrained(args.model)
+    pipe.set_progress_bar_config(disable=True)
+    test = ImageTextFolder(args.data, pipe.image_size)
+    order = torch.randperm(len(test), generator=torch.Generator().manual_seed(7)).tolist()
+    kinds = {i: parse_caption(test.captions[i]).kind for i in order}
+    chosen = [i for i in order if kinds[i] == "relation"][:args.relations]
+    chosen += [i for i in order if kinds[i] == "count"][:args.counts]
+    rows = sample_captions(pipe, [test.captions[i] for i in chosen], args.samples, args.seed)
+    table = {}
+    for kind in ("relation", "count"):
+        subset = [row for row in rows if row["kind"] == kind]
+        table[kind] = {judge: best_of(subset, args.k, judge) for judge in ("random", *RERANK)}
+        print(kind, {judge: f"{acc:.3f} ({n} picks)" for judge, (acc, n) in table[kind].items()})
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(model=str(args.model), k=args.k, samples=args.samples, table=table), f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
