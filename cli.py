@@ -502,9 +502,10 @@ def train_upsampler_cmd(model_dir, data, size, preset, aug_max, blur_prob, predi
 IMAGE_SAMPLERS = ["ddpm", "ddim", "dpm++", "dpm++sde", "euler", "unipc", "unclip"]  # unclip.schedulers (checked)
 STAGES = ("prior", "decoder", "upsampler")
 # unclip.pipeline.SamplingSettings' defaults (checked by a test; the CLI does not import torch to show --help)
+RERANK = ["image", "text", "both"]  # unclip.pipeline.RERANK (not imported here: `unclip --help` stays fast)
 SAMPLING_DEFAULTS = dict(prior_sampler="ddim", prior_steps=10, prior_guidance=2.0, decoder_sampler="ddim",
                          decoder_steps=20, decoder_guidance=3.0, decoder_guidance_interval=(0.3, 0.7),
-                         upsampler_sampler="unipc", upsampler_steps=6)
+                         upsampler_sampler="unipc", upsampler_steps=6, rerank="both")
 
 
 def sampling_options(fn):
@@ -546,7 +547,7 @@ def sampling_options(fn):
         click.option("--image-candidates", type=click.IntRange(min=1, max=64), default=1,
                      help="Decoder samples per image; keep the one the CLIP ranks best (--rerank; k times the "
                           "decoder's time) [default: the model's own (shapes: 4), else 1]."),
-        click.option("--rerank", type=click.Choice(["image", "text", "both"]), default="both", show_default=True,
+        click.option("--rerank", type=click.Choice(RERANK), default=SAMPLING_DEFAULTS["rerank"], show_default=True,
                      help="What --image-candidates ranks by: closeness to the image embedding the decoder was "
                           "given, to the prompt, or the sum of both."),
         # Output
@@ -839,7 +840,7 @@ def info(model):
 @click.option("--image-candidates", type=click.IntRange(min=1, max=64), default=None,
               help="Decoder samples per caption, reranked by the CLIP (as in `unclip generate`) [default: the "
                    "model's own (shapes: 4), else 1].")
-@click.option("--rerank", type=click.Choice(["image", "text", "both"]), default=None,
+@click.option("--rerank", type=click.Choice(RERANK), default=None,
               help="What the candidates are ranked by (as in `unclip generate`) [default: the model's own, else both].")
 @friendly_errors
 def eval_model(model, test, train_data, n, seed, json_out, markdown, name, grid, image_candidates, rerank):

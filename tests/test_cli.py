@@ -166,12 +166,13 @@ def test_compile_flag_compiles_the_pipeline(tiny_model_dir, tmp_path, monkeypatc
 
 
 def test_sampler_options_default_to_the_pipelines_and_set_each_stage(tiny_model_dir, tmp_path):
-    from unclip.pipeline import SamplingSettings
+    from unclip.pipeline import RERANK, SamplingSettings
     from unclip.schedulers import scheduler_names
 
     defaults = SamplingSettings()
     assert cli.SAMPLING_DEFAULTS == {name: getattr(defaults, name) for name in cli.SAMPLING_DEFAULTS}
     assert set(cli.IMAGE_SAMPLERS) <= set(scheduler_names())
+    assert tuple(cli.RERANK) == RERANK
 
     def settings(name, *args):
         result = run("generate", "a red circle", "--model", tiny_model_dir, "-o", tmp_path / name, *args, *FAST)
