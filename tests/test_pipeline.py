@@ -196,6 +196,17 @@ def test_rerank_scores_rank_by_the_named_embeddings():
     assert rerank_scores(candidates, image, text, "text").argmax().item() == 1
     assert rerank_scores(candidates, image, text, "both").argmax().item() == 2  # cosines, so scale does not count
     assert torch.equal(rerank_scores(candidates, image, None, "text"), rerank_scores(candidates, image, None, "image"))
+    assert torch.equal(rerank_scores(candidates, None, text, "image"), rerank_scores(candidates, image, text, "text"))
+
+
+def test_prior_free_best_of_k_ranks_by_the_prompt(pipe):
+    # a prior-free image embedding is zeros: ranking by it would keep candidate 0 whatever the candidates are
+    prompts = ["a red circle", "two blue squares"]
+    text = pipe.encode_text(prompts)[0]
+    one = pipe.generate(prompts, seed=0, prior_free=True, **FAST)
+    best = pipe.generate(prompts, seed=0, prior_free=True, image_candidates=4, rerank="image", **FAST)
+    score = lambda out: F.cosine_similarity(pipe.clip.encode_image(out.base), text)  # noqa: E731
+    assert torch.all(score(best) >= score(one) - 1e-5) and not torch.equal(best.base, one.base)
 
 
 def test_a_models_own_sampling_defaults(pipe, tmp_path):

@@ -299,7 +299,8 @@ class UnCLIPPipeline:
                                   latents=noise.to(self.device),
                                   prior_free=prior_free, progress=self.progress)["images"].float()
             if k > 1:
-                score = rerank_scores(self.clip.encode_image(base).view(b, k, -1), image_emb.to(self.device),
+                score = rerank_scores(self.clip.encode_image(base).view(b, k, -1),
+                                      None if prior_free else image_emb.to(self.device),  # prior-free: zeros
                                       text[0].to(self.device) if text is not None else None, settings.rerank)
                 best = score.argmax(dim=1) + torch.arange(b, device=score.device) * k   # [b] rows of the keepers
                 base, noise = base[best], noise[best.cpu()]
@@ -461,13 +462,15 @@ def _step_generators(seeds, generator, stage: str, repeats: int = 1):
     return [torch.Generator().manual_seed((s * 1000 + offset) * 64 + 32 + k) for s in seeds for k in range(repeats)]
 
 
-def rerank_scores(candidates: torch.Tensor, image_emb: torch.Tensor, text_emb: torch.Tensor | None,
+def rerank_scores(candidates: torch.Tensor, image_emb: torch.Tensor | None, text_emb: torch.Tensor | None,
                   rerank: str = "both") -> torch.Tensor:
     """Best-of-k scores [B, k] of candidates' CLIP image embeddings [B, k, D]: cosine to the image embedding [B, D]
-    they were decoded from ("image"), to the prompt's text embedding ("text"), or the sum ("both"). Without a
-    prompt (variations) every mode ranks by the image embedding."""
-    targets = {"image": [image_emb], "text": [text_emb], "both": [image_emb, text_emb]}[rerank]
-    targets = [t for t in targets if t is not None] or [image_emb]
+    they were decoded from ("image"), to the prompt's text embedding ("text"), or the sum ("both"). Where the named
+    one is missing, the other stands in: without a prompt (variations) every mode ranks by the image embedding, and
+    without an image embedding (prior-free) by the text."""
+    given = {"image": image_emb, "text": text_emb}
+    targets = [given[name] for name in ("image", "text") if rerank in (name, "both") and given[name] is not None]
+    targets = targets or [t for t in given.values() if t is not None]
     candidates = F.normalize(candidates.float(), dim=-1)
     return sum((candidates * F.normalize(t.float(), dim=-1)[:, None]).sum(-1) for t in targets)
 
