@@ -217,12 +217,19 @@ def data_shards(data_dir, out, shard_size):
 @click.option("--negative-reorder", "negative_reorders", multiple=True, metavar="PHRASE",
               help="Hard negatives for word order: a caption 'A PHRASE B' also brings 'B PHRASE A' as a negative "
                    "for its image (repeat: --negative-reorder 'to the left of' --negative-reorder above).")
+@click.option("--negative-exchange", "negative_exchanges", multiple=True, metavar="WORD,WORD,...",
+              help="Hard negatives for binding: a caption with two different words of this class also brings its "
+                   "twin with the two exchanged ('a red circle above a blue square' -> 'a blue circle above a red "
+                   "square'; repeat: --negative-exchange red,green,blue --negative-exchange circle,square).")
 @click.option("--init-from", type=click.Path(exists=True, file_okay=False), default=None,
               help="Train on from this clip/ folder (its architecture and vocabulary) instead of from scratch.")
+@click.option("--judge", is_flag=True,
+              help="Write OUT/judge instead of OUT/clip: a second CLIP that ranks best-of-k candidates against the "
+                   "prompt (--image-candidates), usually trained on from OUT/clip with --negative-exchange.")
 @train_options
 @friendly_errors
-def train_clip_cmd(data, out, preset, heldout, negative_swaps, mirror_swaps, negative_reorders, init_from, resume,
-                   run_dir, quiet, **kw):
+def train_clip_cmd(data, out, preset, heldout, negative_swaps, mirror_swaps, negative_reorders, negative_exchanges,
+                   init_from, judge, resume, run_dir, quiet, **kw):
     """Train a small CLIP (contrastive, open_clip's model), from scratch or on from a CLIP folder.
 
     \b
@@ -241,9 +248,11 @@ def train_clip_cmd(data, out, preset, heldout, negative_swaps, mirror_swaps, neg
     metrics = train_clip(data, out, config, preset=preset, run_dir=run_dir, resume=resume,
                          heldout_fraction=heldout, progress=not quiet, mirror_swaps=mirrors,
                          negative_swaps=[_word_pair(p, "--negative-swap") for p in negative_swaps],
-                         negative_reorders=negative_reorders, init_from=init_from)
+                         negative_reorders=negative_reorders, init_from=init_from,
+                         negative_exchanges=[_word_class(c) for c in negative_exchanges],
+                         component="judge" if judge else "clip")
     summary = ", ".join(f"{k} {v:.3f}" for k, v in metrics.items())
-    click.echo(f"wrote {out}/clip" + (f" (held-out {summary})" if summary else ""))
+    click.echo(f"wrote {out}/{'judge' if judge else 'clip'}" + (f" (held-out {summary})" if summary else ""))
 # CLIP-COMMANDS-END
 
 # ---------------------------------------------------------------- prior commands
@@ -257,6 +266,14 @@ def _word_pair(text: str, option: str) -> tuple[str, str]:
     if len(pair) != 2 or not all(pair):
         raise click.BadParameter(f"{text!r}: give two words joined by a comma, like left,right", param_hint=option)
     return pair
+
+
+def _word_class(text: str) -> list[str]:
+    words = text.split(",")
+    if len(set(words)) < 2 or not all(words):
+        raise click.BadParameter(f"{text!r}: give two or more different words joined by commas, like red,green,blue",
+                                 param_hint="--negative-exchange")
+    return words
 
 
 def _clip_folder(path: str):
@@ -549,7 +566,10 @@ def sampling_options(fn):
                           "decoder's time) [default: the model's own (shapes: 4), else 1]."),
         click.option("--rerank", type=click.Choice(RERANK), default=SAMPLING_DEFAULTS["rerank"], show_default=True,
                      help="What --image-candidates ranks by: closeness to the image embedding the decoder was "
-                          "given, to the prompt, or the sum of both."),
+                          "given, to the prompt, or the sum of both (the prompt through the model's judge CLIP "
+                          "where it has one)."),
+        click.option("--share-prior", is_flag=True,
+                     help="Decode all --image-candidates from one prior sample instead of one each."),
         # Output
         click.option("-o", "--out", "out", type=click.Path(), default="outputs", show_default=True,
                      help="A .png file for one image, or a folder that receives 0000.png, 0001.png, ..."),
@@ -597,7 +617,7 @@ def pop_settings(kw: dict) -> dict:
     settings.update(prior_guidance=kw.pop("guidance_prior"), decoder_guidance=kw.pop("guidance_decoder"),
                     decoder_guidance_interval=kw.pop("guidance_interval_decoder"),
                     dynamic_threshold=kw.pop("dynamic_threshold"), image_candidates=kw.pop("image_candidates"),
-                    rerank=kw.pop("rerank"))
+                    rerank=kw.pop("rerank"), share_prior=kw.pop("share_prior"))
     options.update(prior_guidance=("guidance_prior",), decoder_guidance=("guidance_decoder",),
                    decoder_guidance_interval=("guidance_interval_decoder",))
     for name in ("prior_guidance", "decoder_guidance"):
@@ -720,10 +740,11 @@ def settings_from_png(path: str, kw: dict):
         meta = json.loads(raw)
         if isinstance(meta, list) or meta.get("command") != "generate":
             raise click.ClickException(f"{path} was not written by `unclip generate` for a single image")
-        # PNGs from before the guidance interval (2026-12-02) were guided at every decoder step, and those from
-        # before `rerank` (2026-12-06) ranked their image candidates by the prompt
-        settings = config_to_dict(config_from_dict(SamplingSettings, {"decoder_guidance_interval": (0.0, 1.0),
-                                                                      "rerank": "text", **meta["settings"]}))
+        # PNGs from before the guidance interval (2026-12-02) were guided at every decoder step, those from before
+        # `rerank` (2026-12-06) ranked their image candidates by the prompt, and those from before `share_prior`
+        # (2026-12-07) decoded them all from one prior sample
+        old = {"decoder_guidance_interval": (0.0, 1.0), "rerank": "text", "share_prior": True}
+        settings = config_to_dict(config_from_dict(SamplingSettings, {**old, **meta["settings"]}))
         seed, prompt = int(meta["seed"]), str(meta["prompt"])
     except (ValueError, KeyError, TypeError, AttributeError) as error:
         raise click.ClickException(f"{path}: damaged unclip settings ({error.__class__.__name__}: {error}); "
@@ -842,8 +863,11 @@ def info(model):
                    "model's own (shapes: 4), else 1].")
 @click.option("--rerank", type=click.Choice(RERANK), default=None,
               help="What the candidates are ranked by (as in `unclip generate`) [default: the model's own, else both].")
+@click.option("--share-prior", is_flag=True, default=None,
+              help="Decode all candidates from one prior sample (as in `unclip generate`).")
 @friendly_errors
-def eval_model(model, test, train_data, n, seed, json_out, markdown, name, grid, image_candidates, rerank):
+def eval_model(model, test, train_data, n, seed, json_out, markdown, name, grid, image_candidates, rerank,
+               share_prior):
     """Quality report: prior cosines, CLIP R-precision, FD in CLIP space, shapes oracle.
 
     \b
@@ -854,7 +878,7 @@ def eval_model(model, test, train_data, n, seed, json_out, markdown, name, grid,
     from unclip.config import write_json
     from unclip.eval.report import evaluate_model, markdown as to_markdown, update_markdown
 
-    given = {"image_candidates": image_candidates, "rerank": rerank}
+    given = {"image_candidates": image_candidates, "rerank": rerank, "share_prior": share_prior or None}
     settings = {key: value for key, value in given.items() if value is not None}
     report = evaluate_model(model, test, train_data, n=n, seed=seed, grid=grid, **settings)
     if json_out:

@@ -1,13 +1,18 @@
 """Which judge should best-of-k reranking use? Score every decoder sample with the shapes oracle and with each judge.
 
-For held-out relation and count captions, one prior embedding per caption and K decoder samples from it; each sample
+For held-out relation and count captions, one prior embedding per caption (or with --own-priors one per sample, as
+best-of-k draws them by default) and K decoder samples from it; each sample
 gets the oracle's verdict and its CLIP image embedding's cosine to the prompt's text embedding and to the image
 embedding the decoder was given. Best of k (k divides K) is then read K / k times per caption for every judge
-(`unclip.pipeline.rerank_scores`), next to a random pick (the first sample of each group). What chose the default
-`rerank` (docs/MODELS.md, "What best of 4 ranks by"):
+(`unclip.pipeline.rerank_scores`), next to a random pick (the first sample of each group) and the ceiling (the
+share of groups holding a right sample: what a perfect judge would keep). Where the model has a
+judge (judge/, a second CLIP), "judge text" and "judge both" take the text term from it, as the pipeline does. What
+chose the default `rerank` (docs/MODELS.md, "What best of 4 ranks by", "A judge for best of 4"):
 
     python scripts/rerank_study.py --model shapes --data runs/shapes/data/test --relations 80 --counts 60 --k 4 \\
         --samples 8 --json rerank.json
+    python scripts/rerank_study.py --model shapes --data runs/shapes/data/test --relations 120 --counts 60 --k 4 \\
+        --samples 8 --own-priors --json rerank-own.json
 """
 
 import argparse
@@ -22,7 +27,7 @@ from unclip.eval.shapes import check, detect_objects
 from unclip.pipeline import RERANK, UnCLIPPipeline, rerank_scores
 
 
-def sample_captions(pipe, captions, samples, seed):
+def sample_captions(pipe, captions, samples, seed, own_priors=False):
     """Per caption: K samples' oracle verdicts and CLIP image embeddings, the prior's embedding and the text's."""
     rows = []
     settings = pipe.settings(image_candidates=1)
@@ -30,17 +35,24 @@ def sample_captions(pipe, captions, samples, seed):
         batch = captions[start:start + 10]
         seeds = list(range(seed + start, seed + start + len(batch)))
         text = pipe.encode_text(batch)
-        image_emb, _ = pipe.sample_image_emb(batch, settings, seeds, text=text)
+        # one prior sample per caption, or one per decoder sample (`share_prior` False): image_emb [b, K, D]
+        image_emb, _ = pipe.sample_image_emb(batch, settings, seeds, text=text, per_prompt=samples if own_priors else 1)
         repeated = [c for c in batch for _ in range(samples)]
-        out = pipe.decode(image_emb.repeat_interleave(samples, 0), pipe.decoder_text(repeated), settings,
+        flat = image_emb.flatten(0, 1) if own_priors else image_emb.repeat_interleave(samples, 0)
+        out = pipe.decode(flat, pipe.decoder_text(repeated), settings,
                           seeds=[s * samples + j for s in seeds for j in range(samples)])
         with torch.inference_mode():
             features = pipe.clip.encode_image(out.base).view(len(batch), samples, -1)
+            if pipe.judge is not None:
+                judged = pipe.judge.encode_image(out.base).view(len(batch), samples, -1)
+                judge_text = pipe.judge.encode_text(batch)[0]
         for i, caption in enumerate(batch):
             request = parse_caption(caption)
             ok = [check(detect_objects(image), request) for image in out.images[i * samples:(i + 1) * samples]]
             rows.append(dict(caption=caption, kind=request.kind, ok=ok, features=features[i],
                              image_emb=image_emb[i], text_emb=text[0][i]))
+            if pipe.judge is not None:
+                rows[-1].update(judged=judged[i], judge_text=judge_text[i])
         print(f"{start + len(batch)} / {len(captions)} captions", flush=True)
     return rows
 
@@ -50,16 +62,22 @@ def best_of(rows, k, judge):
     picks = []
     for row in rows:
         for group in range(0, len(row["ok"]), k):
-            if judge == "random":
-                picks.append(row["ok"][group])
+            image_emb = row["image_emb"][None] if row["image_emb"].dim() == 1 else row["image_emb"][None, group:group + k]
+            if judge in ("random", "ceiling"):  # the group's first; any right one (what a perfect judge keeps)
+                picks.append(row["ok"][group] if judge == "random" else any(row["ok"][group:group + k]))
                 continue
-            scores = rerank_scores(row["features"][None, group:group + k], row["image_emb"][None],
-                                   row["text_emb"][None], judge)
+            if judge.startswith("judge "):  # the judge's image-text cosine as the text term
+                scores = rerank_scores(row["features"][None, group:group + k], image_emb,
+                                       row["judge_text"][None], judge.split()[1],
+                                       text_candidates=row["judged"][None, group:group + k])
+            else:
+                scores = rerank_scores(row["features"][None, group:group + k], image_emb, row["text_emb"][None],
+                                       judge)
             picks.append(row["ok"][group + int(scores.argmax())])
     return statistics.mean(picks), len(picks)
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="shapes")
     parser.add_argument("--data", required=True, help="a shapes test split (unclip data shapes)")
@@ -68,8 +86,10 @@ def main():
     parser.add_argument("--samples", type=int, default=8, help="decoder samples per caption (K)")
     parser.add_argument("--k", type=int, default=4, help="best of k")
     parser.add_argument("--seed", type=int, default=1000)
+    parser.add_argument("--own-priors", action="store_true",
+                        help="each decoder sample from its own prior sample, as best-of-k does by default")
     parser.add_argument("--json", help="write the table here")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.samples % args.k:
         raise SystemExit(f"--samples {args.samples} is not a multiple of --k {args.k}")
     pipe = UnCLIPPipeline.from_pretrained(args.model)
@@ -79,15 +99,17 @@ def main():
     kinds = {i: parse_caption(test.captions[i]).kind for i in order}
     chosen = [i for i in order if kinds[i] == "relation"][:args.relations]
     chosen += [i for i in order if kinds[i] == "count"][:args.counts]
-    rows = sample_captions(pipe, [test.captions[i] for i in chosen], args.samples, args.seed)
+    rows = sample_captions(pipe, [test.captions[i] for i in chosen], args.samples, args.seed, args.own_priors)
     table = {}
     for kind in ("relation", "count"):
         subset = [row for row in rows if row["kind"] == kind]
-        table[kind] = {judge: best_of(subset, args.k, judge) for judge in ("random", *RERANK)}
+        judges = ("random", "ceiling", *RERANK, *(("judge text", "judge both") if pipe.judge is not None else ()))
+        table[kind] = {judge: best_of(subset, args.k, judge) for judge in judges}
         print(kind, {judge: f"{acc:.3f} ({n} picks)" for judge, (acc, n) in table[kind].items()})
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(model=str(args.model), k=args.k, samples=args.samples, table=table), f, indent=2)
+            json.dump(dict(model=str(args.model), k=args.k, samples=args.samples, own_priors=args.own_priors,
+                           table=table), f, indent=2)
 
 
 if __name__ == "__main__":

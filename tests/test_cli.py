@@ -37,19 +37,21 @@ def test_generate_png_provenance_and_from_png(tiny_model_dir, tmp_path):
     assert result.exit_code == 0, result.output
     assert np.array_equal(np.asarray(Image.open(out)), np.asarray(Image.open(again)))
     # a PNG written before the guidance interval existed was guided at every step, and is re-created so
-    # and one from before `rerank` ranked its candidates by the prompt
+    # and one from before `rerank` ranked its candidates by the prompt, and one from before `share_prior` decoded
+    # them all from one prior sample
     old = tmp_path / "old.png"
     result = run("generate", "a red circle", "--model", tiny_model_dir, "--seed", 7, "--guidance-interval-decoder",
-                 0, 1, "--image-candidates", 3, "--rerank", "text", "-o", old, *FAST)
+                 0, 1, "--image-candidates", 3, "--rerank", "text", "--share-prior", "-o", old, *FAST)
     assert result.exit_code == 0, result.output
     meta = json.loads(Image.open(old).text["unclip"])
-    del meta["settings"]["decoder_guidance_interval"], meta["settings"]["rerank"]
+    assert meta["settings"]["share_prior"] is True and meta["settings"]["image_candidates"] == 3
+    del meta["settings"]["decoder_guidance_interval"], meta["settings"]["rerank"], meta["settings"]["share_prior"]
     Image.open(old).save(old, pnginfo=_text_chunks({"unclip": json.dumps(meta)}))
     result = run("generate", "--from-png", old, "-o", tmp_path / "old-again.png", "--quiet")
     assert result.exit_code == 0, result.output
     assert np.array_equal(np.asarray(Image.open(old)), np.asarray(Image.open(tmp_path / "old-again.png")))
     again = json.loads(Image.open(tmp_path / "old-again.png").text["unclip"])["settings"]
-    assert again["decoder_guidance_interval"] == [0.0, 1.0] and again["rerank"] == "text"
+    assert again["decoder_guidance_interval"] == [0.0, 1.0] and again["rerank"] == "text" and again["share_prior"]
 
 
 def test_options_left_at_their_default_give_way_to_the_models_own(tiny_model_dir, tmp_path):

@@ -12,7 +12,7 @@ from PIL import Image
 import cli
 from conftest import SHAPES_WORDS, tiny_clip_config
 from unclip.clip import CLIP_PRESETS, ClipEncoder, WordTokenizer
-from unclip.clip_training import _Tokenised, clip_loss_fn, reorder_caption, swap_words, train_clip
+from unclip.clip_training import _Tokenised, clip_loss_fn, exchange_words, reorder_caption, swap_words, train_clip
 from unclip.data.shapes import build_shapes
 from unclip.images import pil_to_tensor
 from unclip.training import TrainConfig, read_metrics
@@ -213,6 +213,41 @@ def test_reordered_negatives_teach_word_order_that_the_colour_pair_hides():
     assert min(with_twins) > 0.3 and min(without) < 0.1
 
 
+def test_exchange_words_swaps_two_different_words_of_one_class():
+    classes = [["red", "green", "blue"], ["circle", "square"]]
+    caption = "a red circle above a green square"
+    assert exchange_words(caption, classes, pick=0) == "a green circle above a red square"    # the colours
+    assert exchange_words(caption, classes, pick=1) == "a red square above a green circle"    # the shapes
+    assert exchange_words(caption, classes, pick=2) == exchange_words(caption, classes, pick=0)
+    assert exchange_words("a red circle above a red square", classes) == "a red square above a red circle"
+    assert exchange_words("a red circle", classes) == "a red circle"                          # nothing to exchange
+    assert exchange_words("a reddish circle above a green squares", classes) == "a reddish circle above a green squares"
+
+
+def _binding_pairs():
+    """A square above a bar, each its own colour and every colour in one picture only: any one colour tells these
+    captions apart, never which colour is the square's."""
+    rgb = {"red": (220, 30, 30), "blue": (30, 70, 220), "green": (30, 160, 50), "yellow": (235, 200, 20),
+           "purple": (130, 50, 170), "orange": (240, 130, 20)}
+    pairs = []
+    for top, bottom in [("red", "blue"), ("green", "yellow"), ("purple", "orange")]:
+        image = Image.new("RGB", (16, 16), "white")
+        image.paste(rgb[top], (5, 1, 11, 7))      # the square
+        image.paste(rgb[bottom], (2, 11, 14, 13))  # the bar, called a triangle
+        pairs.append({"image": pil_to_tensor(image)[0], "caption": f"a {top} square above a {bottom} triangle"})
+    return pairs
+
+
+def test_exchanged_negatives_teach_which_colour_goes_with_which_shape():
+    """With the colour-exchanged captions as negatives the CLIP must rank "a red square above a blue triangle" above
+    "a blue square above a red triangle" for every image; without them nothing asks it to."""
+    classes = [["red", "green", "blue", "yellow", "purple", "orange"]]
+    twin_of = lambda c: exchange_words(c, classes)  # noqa: E731
+    without = _margins(_binding_pairs(), twin_of, 3e-3)
+    with_twins = _margins(_binding_pairs(), twin_of, 3e-3, negative_exchanges=classes)
+    assert min(with_twins) > 0.3 and min(without) < 0.1
+
+
 def test_train_clip_goes_on_from_a_clip_folder(shapes_dir, tmp_path):
     config = TrainConfig(steps=2, batch_size=8, warmup_steps=1, checkpoint_every=1)
     small = tiny_clip_config(image_size=16)
@@ -275,6 +310,16 @@ def test_train_clip_command(shapes_dir, tmp_path):
     axis = runner.invoke(cli.main, ["train", "clip", "--data", str(shapes_dir / "train"), "--out", str(out),
                                     "--mirror-swap", "sideways:left,right"])
     assert axis.exit_code != 0 and "horizontal:" in axis.output and "Traceback" not in axis.output
+    judge = runner.invoke(cli.main, ["train", "clip", "--data", str(shapes_dir / "train"), "--out", str(out), "--judge",
+                                     "--init-from", str(out / "clip"), "--negative-exchange", "red,green,blue",
+                                     "--steps", "1", "--batch-size", "8", "--quiet"])
+    assert judge.exit_code == 0 and f"wrote {out}/judge" in judge.output, judge.output
+    info = json.loads((out / "runs" / "judge" / "train_config.json").read_text())
+    assert info["component"] == "judge" and info["negative_exchanges"] == [["red", "green", "blue"]]
+    assert json.loads((out / "model_index.json").read_text())["components"] == {"clip": "clip", "judge": "clip"}
+    one = runner.invoke(cli.main, ["train", "clip", "--data", str(shapes_dir / "train"), "--out", str(out),
+                                   "--negative-exchange", "red"])
+    assert one.exit_code != 0 and "red,green,blue" in one.output and "Traceback" not in one.output
 
 
 def test_text_states_with_input_embeddings(tiny_clip):

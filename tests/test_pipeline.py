@@ -164,22 +164,33 @@ def test_decoder_with_its_own_text_transformer(pipe, tmp_path):
         UnCLIPPipeline(pipe.clip, pipe.prior, wrong, pipe.upsamplers)
 
 
+@pytest.mark.parametrize("share_prior", [False, True])
 @pytest.mark.parametrize("rerank", ["image", "text", "both"])
-def test_image_candidates_keep_the_one_clip_ranks_first(pipe, rerank):
+def test_image_candidates_keep_the_one_clip_ranks_first(pipe, rerank, share_prior):
     prompts = ["a red circle", "two blue squares"]
     one = pipe.generate(prompts, seed=0, **FAST)
-    best = pipe.generate(prompts, seed=0, image_candidates=4, rerank=rerank, **FAST)
+    best = pipe.generate(prompts, seed=0, image_candidates=4, rerank=rerank, share_prior=share_prior, **FAST)
     assert best.base.shape == one.base.shape and best.latents["decoder"].shape == one.latents["decoder"].shape
-    assert torch.equal(best.image_emb, one.image_emb)  # the prior's pick is the same; only the decoder redraws
-    targets = {"image": [one.image_emb], "text": [pipe.encode_text(prompts)[0]]}
-    targets["both"] = targets["image"] + targets["text"]
+    assert best.image_emb.shape == one.image_emb.shape and best.latents["prior"].shape == one.latents["prior"].shape
+    if share_prior:  # the prior's pick is the same; only the decoder redraws
+        assert torch.equal(best.image_emb, one.image_emb) and torch.equal(best.latents["prior"], one.latents["prior"])
+    else:  # each candidate drew its own prior noise, candidate 0 the default's; the kept one's comes back
+        _, noise = pipe.sample_image_emb(prompts, pipe.settings(), seeds=[0, 1], per_prompt=4)
+        noise = noise.view(2, 4, *one.latents["prior"].shape[1:])
+        assert torch.equal(noise[:, 0], one.latents["prior"])
+        assert all(any(torch.equal(best.latents["prior"][i], n) for n in noise[i]) for i in range(2))
+    text = pipe.encode_text(prompts)[0]
 
-    def clip_score(base):
-        return sum(F.cosine_similarity(pipe.clip.encode_image(base), t) for t in targets[rerank])
+    def clip_score(out):  # each image against the embedding it was decoded from, and the prompt
+        targets = {"image": [out.image_emb], "text": [text], "both": [out.image_emb, text]}[rerank]
+        return sum(F.cosine_similarity(pipe.clip.encode_image(out.base), t) for t in targets)
 
-    # candidate 0 draws the noise that image_candidates=1 draws, so best-of-4 never ranks below the default
-    assert torch.all(clip_score(best.base) >= clip_score(one.base) - 1e-5)
+    # candidate 0 draws the noise (prior and decoder) that image_candidates=1 draws, so best-of-4 never ranks below
+    assert torch.all(clip_score(best) >= clip_score(one) - 1e-5)
     assert not torch.equal(best.base, one.base)  # 4 random candidates: some other one won somewhere
+    # the kept prior noise re-creates the kept embedding (within bf16 rounding: the batch is 2 here, 8 above)
+    again_emb, _ = pipe.sample_image_emb(prompts, pipe.settings(), latents=best.latents["prior"])
+    torch.testing.assert_close(again_emb, best.image_emb, atol=2e-2, rtol=0)
     # the kept noise reproduces the kept image with one candidate
     again = pipe.generate(prompts, seed=0, image_emb=best.image_emb, latents=best.latents, **FAST)
     assert np.array_equal(pixels(again.images), pixels(best.images))
@@ -187,6 +198,18 @@ def test_image_candidates_keep_the_one_clip_ranks_first(pipe, rerank):
         pipe("a red circle", image_candidates=0)
     with pytest.raises(ValueError, match="rerank must be one of image, text, both"):
         pipe("a red circle", image_candidates=2, rerank="oracle")
+
+
+def test_several_prior_samples_per_prompt(pipe):
+    prompts = ["a red circle", "two blue squares"]
+    settings = pipe.settings()
+    one, one_noise = pipe.sample_image_emb(prompts, settings, seeds=[5, 6])
+    many, noise = pipe.sample_image_emb(prompts, settings, seeds=[5, 6], per_prompt=3)
+    c = settings.candidates
+    assert many.shape == (2, 3, one.shape[1]) and noise.shape == (2, 3 * c, one.shape[1])
+    assert torch.equal(noise[:, :c], one_noise)       # sample 0 starts from the noise a single sample draws
+    torch.testing.assert_close(many[:, 0], one, atol=2e-2, rtol=0)  # the same sample, within bf16 rounding
+    assert len({tuple(row.flatten().tolist()) for row in noise.view(2, 3, -1)[0]}) == 3  # fresh noise each
 
 
 def test_rerank_scores_rank_by_the_named_embeddings():
@@ -197,6 +220,43 @@ def test_rerank_scores_rank_by_the_named_embeddings():
     assert rerank_scores(candidates, image, text, "both").argmax().item() == 2  # cosines, so scale does not count
     assert torch.equal(rerank_scores(candidates, image, None, "text"), rerank_scores(candidates, image, None, "image"))
     assert torch.equal(rerank_scores(candidates, None, text, "image"), rerank_scores(candidates, image, text, "text"))
+    own = torch.tensor([[[0.0, 1.0], [1.0, 0.0], [1.0, 1.0]]])  # one image embedding per candidate: only the third
+    torch.testing.assert_close(rerank_scores(candidates, own, None, "image"), torch.tensor([[0.0, 0.0, 1.0]]))
+
+
+def test_rerank_scores_take_the_text_term_in_a_judges_space():
+    image, text = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0, 0.0]])   # the judge's space is 3-d
+    candidates = torch.tensor([[[1.0, 0.0], [1.0, 0.1], [0.9, 0.1]]])
+    judged = torch.tensor([[[0.0, 0.0, 1.0], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]])  # only candidate 2 fits the prompt
+    assert rerank_scores(candidates, image, text, "text", text_candidates=judged).argmax().item() == 2
+    assert rerank_scores(candidates, image, text, "image", text_candidates=judged).argmax().item() == 0
+    expected = rerank_scores(candidates, image, None, "image") + rerank_scores(judged, None, text, "text")
+    assert torch.equal(rerank_scores(candidates, image, text, "both", text_candidates=judged), expected)
+
+
+def test_a_judge_clip_ranks_the_candidates_against_the_prompt(pipe, tmp_path):
+    """A model folder with judge/ (a second CLIP): best-of-k's text term is the judge's image-text cosine; the
+    judge loads, saves and moves with the model, and variations (no prompt) do not use it."""
+    torch.manual_seed(1)
+    judged = UnCLIPPipeline(pipe.clip, pipe.prior, pipe.decoder, pipe.upsamplers, judge=make_tiny_pipeline(1).clip)
+    judged.set_progress_bar_config(disable=True)
+    judged.save_pretrained(tmp_path / "m")
+    loaded = UnCLIPPipeline.from_pretrained(tmp_path / "m")
+    assert json.loads((tmp_path / "m" / "model_index.json").read_text())["components"]["judge"] == "clip"
+    for a, b in zip(judged.judge.state_dict().values(), loaded.judge.state_dict().values()):
+        assert torch.equal(a, b)
+    assert loaded.judge in loaded.modules()
+    prompts = ["a red circle", "two blue squares"]
+    one = loaded.generate(prompts, seed=0, **FAST)
+    best = loaded.generate(prompts, seed=0, image_candidates=4, rerank="text", **FAST)
+    plain = pipe.generate(prompts, seed=0, image_candidates=4, rerank="text", **FAST)
+    text = loaded.judge.encode_text(prompts)[0]
+    score = lambda out: F.cosine_similarity(loaded.judge.encode_image(out.base), text)  # noqa: E731
+    assert torch.all(score(best) >= score(one) - 1e-5) and not torch.equal(best.base, one.base)
+    assert not torch.equal(best.base, plain.base)  # the model's own CLIP keeps other candidates
+    picture = Image.new("RGB", (16, 16), (220, 30, 30))
+    assert torch.equal(loaded.vary(picture, seed=0, image_candidates=3, **FAST).base,
+                       pipe.vary(picture, seed=0, image_candidates=3, **FAST).base)
 
 
 def test_prior_free_best_of_k_ranks_by_the_prompt(pipe):

@@ -17,7 +17,8 @@ RECIPE = {
     "threads": 1,
     "data": {"builder": "shapes", "n": 80, "seed": 0},
     "clip": {"preset": "tiny-32", "heldout": 0.1, "negative_swaps": [["left", "right"]], "train": TINY_TRAIN,
-             "finetune": {"train": {**TINY_TRAIN, "lr_schedule": "cosine"}, "negative_reorders": ["to the left of"]}},
+             "finetune": {"train": {**TINY_TRAIN, "lr_schedule": "cosine"}, "negative_reorders": ["to the left of"]},
+             "judge": {"train": TINY_TRAIN, "negative_exchanges": [["red", "green", "blue"]]}},
     "embeddings": {},
     "prior": {"preset": "tiny", "train": TINY_TRAIN},
     "decoder": {"preset": "tiny", "config": {"block_out_channels": [32, 32], "attention_levels": [False, True],
@@ -49,7 +50,8 @@ def test_recipe_runs_every_stage_resumes_and_reports(tiny_run, tmp_path):
     assert stages == ["data", "clip", "embeddings", "prior", "decoder", "upsampler", "export"]
     export = run / "export"
     index = json.loads((export / "model_index.json").read_text())
-    assert set(index["components"]) == {"clip", "prior", "decoder", "upsampler_64"}
+    assert index["components"] == {"clip": "clip", "judge": "clip", "prior": "prior", "decoder": "decoder",
+                                   "upsampler_64": "upsampler"}
     assert index["sampling"] == {"image_candidates": 2}  # the recipe's sampling defaults travel with the model
     finetune = json.loads((run / "runs" / "decoder-finetune" / "train_config.json").read_text())
     assert finetune["init_from"] == str(run / "model" / "decoder") and finetune["train"]["lr_schedule"] == "cosine"
@@ -63,6 +65,10 @@ def test_recipe_runs_every_stage_resumes_and_reports(tiny_run, tmp_path):
     assert clip_finetune["init_from"] == str(run / "model" / "clip")
     assert clip_finetune["negative_swaps"] == [["left", "right"]]  # the section's, kept
     assert clip_finetune["negative_reorders"] == ["to the left of"] and clip_finetune["train"]["lr_schedule"] == "cosine"
+    judge = json.loads((run / "runs" / "clip-judge" / "train_config.json").read_text())
+    assert judge["init_from"] == str(run / "model" / "clip") and judge["component"] == "judge"
+    assert judge["negative_exchanges"] == [["red", "green", "blue"]]
+    assert judge["negative_reorders"] == ["to the left of"]  # the finetune phase's, kept
     again = runner.invoke(cli.main, ["train", "recipe", str(path), "--out", str(run), "--quiet"])
     assert again.exit_code == 0 and " ..." not in again.output  # every stage is done: nothing re-runs
 
@@ -99,6 +105,22 @@ def test_decoder_ablation_trains_and_scores_each_arm(tiny_run, capsys):
         ablate(["--recipe", str(path), "--run", str(run), "--steps", "2", "--arm", "x:text_dropp=0.5"])
 
 
+def test_rerank_study_reads_every_judge_against_the_ceiling(tiny_run, tmp_path):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    from rerank_study import main as study
+
+    path, run = tiny_run
+    out = tmp_path / "study.json"
+    for own in ([], ["--own-priors"]):
+        study(["--model", str(run / "export"), "--data", str(run / "data" / "test"), "--relations", "2", "--counts",
+               "2", "--samples", "4", "--k", "2", "--json", str(out), *own])
+        table = json.loads(out.read_text())["table"]
+        for kind in ("relation", "count"):  # the export has a judge (the recipe's clip.judge phase): its rows too
+            assert set(table[kind]) == {"random", "ceiling", "image", "text", "both", "judge text", "judge both"}
+            ceiling, n = table[kind]["ceiling"]
+            assert n == 4 and all(acc <= ceiling for acc, _ in table[kind].values())  # no judge beats any-right
+
+
 def test_recipe_validation(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"name": "x", "decoderr": {}}))
@@ -112,6 +134,9 @@ def test_recipe_validation(tmp_path):
         load_recipe(bad)
     bad.write_text(json.dumps({"name": "x", "clip": {"finetune": {"train": {}, "negative_reorder": ["above"]}}}))
     with pytest.raises(ValueError, match="unknown keys"):
+        load_recipe(bad)
+    bad.write_text(json.dumps({"name": "x", "clip": {"judge": {"negative_exchanges": [["red", "green"]]}}}))
+    with pytest.raises(ValueError, match='"judge" must be an object with its own "train" settings'):
         load_recipe(bad)
     for decoder, message in [({"finetune": [{"steps": 2, "oversample": [["(", 2]]}]}, "not a regular expression"),
                              ({"oversample": [["above", 0]]}, "whole number"),

@@ -23,6 +23,11 @@ left of a red circle" hold the same words and describe mirrored pictures, so a t
 as a bag gives both one embedding, and its twin with "left" and "right" swapped describes the mirrored picture
 too. `negative_reorders` adds the reordered caption (the two sides of a relation phrase exchanged) as a second
 hard negative: the only way to tell it from the positive is word order.
+
+Binding is the last thing a bag of words hides: "a red circle above a green square" and "a green circle above a
+red square" hold the same words in the same order of kinds. `negative_exchanges` (word classes such as the
+colours) adds each caption's twin with two different words of one class exchanged, so only which word goes with
+which object tells it from the positive.
 """
 
 from __future__ import annotations
@@ -42,7 +47,7 @@ from .eval.metrics import retrieval_accuracy, same_caption_matrix
 from .training import Hooks, TrainConfig, train
 
 
-NEGATIVE_KEYS = ("negative", "reordered")  # hard negative captions per item ("" where a caption has none)
+NEGATIVE_KEYS = ("negative", "reordered", "exchanged")  # hard negative captions per item ("" where a caption has none)
 
 
 def clip_loss_fn(model: ClipEncoder, batch: dict):
@@ -103,6 +108,24 @@ def reorder_caption(caption: str, phrases: Sequence[str]) -> str:
     return caption
 
 
+def exchange_words(caption: str, classes: Sequence[Sequence[str]], pick: int = 0) -> str:
+    """The caption with the first two different words of one class exchanged ("a red circle above a green
+    square" -> "a green circle above a red square" for the colours). Of the classes with two different words in
+    the caption, `pick` chooses one (modulo their number); unchanged when no class has two (whole words)."""
+    words = caption.split(" ")
+    usable = []
+    for group in classes:
+        found = [i for i, w in enumerate(words) if w in group]
+        second = next((j for j in found if words[j] != words[found[0]]), None) if found else None
+        if second is not None:
+            usable.append((found[0], second))
+    if not usable:
+        return caption
+    a, b = usable[pick % len(usable)]
+    words[a], words[b] = words[b], words[a]
+    return " ".join(words)
+
+
 def _gather_features(image: torch.Tensor, text: torch.Tensor, captions: list[str]):
     """Every process's features in rank order (gradients flow back to their owners), captions, and the row
     of this process's first sample; the inputs themselves when not distributed."""
@@ -127,23 +150,32 @@ class _Tokenised(torch.utils.data.Dataset):
     """Adds CLIP-ready pixels and token ids to each item of a pairs dataset."""
 
     def __init__(self, dataset, clip: ClipEncoder, negative_swaps: Sequence[Sequence[str]] = (),
-                 mirror_swaps: dict | None = None, negative_reorders: Sequence[str] = ()):
+                 mirror_swaps: dict | None = None, negative_reorders: Sequence[str] = (),
+                 negative_exchanges: Sequence[Sequence[str]] = ()):
         self.dataset, self.clip = dataset, clip
         swaps, reorders = [tuple(pair) for pair in negative_swaps], list(negative_reorders)
-        self.twins = ([("negative", lambda c: swap_words(c, swaps))] if swaps else []) + \
-            ([("reordered", lambda c: reorder_caption(c, reorders))] if reorders else [])  # NEGATIVE_KEYS
+        classes = [set(group) for group in negative_exchanges]
+        self.twins = ([("negative", lambda c, i: swap_words(c, swaps))] if swaps else []) + \
+            ([("reordered", lambda c, i: reorder_caption(c, reorders))] if reorders else []) + \
+            ([("exchanged", self._exchange(classes))] if classes else [])  # NEGATIVE_KEYS
+        self.calls = 0
         self.mirrors = [(MIRROR_DIMS[axis], swaps) for axis, swaps in (mirror_swaps or {}).items() if swaps]
+
+    def _exchange(self, classes):
+        # which class is exchanged changes from one visit of an item to the next, so every one gets its turn
+        return lambda caption, i: exchange_words(caption, classes, pick=i + self.calls // max(len(self), 1))
 
     def __len__(self):
         return len(self.dataset)
 
     def __getitem__(self, i):
+        self.calls += 1
         item = self.dataset[i]
         pixels = self.clip.preprocess(item["image"][None], device="cpu")[0]
         tokens = self.clip.tokenize([item["caption"]], warn=False)[0]
         out = {"pixels": pixels, "tokens": tokens, "caption": item["caption"]}
         for key, twin_of in self.twins:  # "" when the caption has no twin: the loss skips it
-            twin = twin_of(item["caption"])
+            twin = twin_of(item["caption"], i)
             changed = twin != item["caption"]
             out[key] = twin if changed else ""
             out[f"{key}_tokens"] = self.clip.tokenize([twin], warn=False)[0] if changed else tokens
@@ -183,19 +215,28 @@ def train_clip(data: str | os.PathLike, out: str | os.PathLike, train_config: Tr
                preset: str = "tiny-32", run_dir: str | os.PathLike | None = None, resume: bool = False,
                heldout_fraction: float = 0.05, progress: bool = True, config: ClipConfig | None = None,
                negative_swaps: Sequence[Sequence[str]] = (), mirror_swaps: dict | None = None,
-               negative_reorders: Sequence[str] = (), init_from: str | os.PathLike | None = None) -> dict:
+               negative_reorders: Sequence[str] = (), init_from: str | os.PathLike | None = None,
+               negative_exchanges: Sequence[Sequence[str]] = (), component: str = "clip") -> dict:
     """Train a CLIP on a folder of pairs (from scratch, or on from the CLIP folder `init_from`, whose config and
-    vocabulary it keeps) and export it to `out/clip`; returns final metrics.
+    vocabulary it keeps) and export it to `out/<component>`; returns final metrics. component "judge" makes the
+    model's judge: a second CLIP that only ranks best-of-k candidates against the prompt (UnCLIPPipeline.decode),
+    free to move away from the embeddings the prior and the decoder were trained on.
 
     negative_swaps: word pairs such as [("left", "right"), ("two", "three")]; each caption's swapped twin is
     a hard negative for its image. mirror_swaps: {"horizontal": [("left", "right")], "vertical": [("top",
     "bottom")]}; a caption with one of an axis's words brings its picture mirrored along that axis, captioned
     with the words swapped, into the batch. negative_reorders: relation phrases such as ["to the left of",
     "above"]; a caption "A <phrase> B" brings "B <phrase> A" as a hard negative (module docstring).
+    negative_exchanges: word classes such as [["red", "green", "blue"], ["circle", "square"]]; a caption with two
+    different words of a class brings its twin with the two exchanged as a hard negative (`exchange_words`).
     """
     bad = [p for p in negative_reorders if not isinstance(p, str) or not p.strip()]
     if bad:
         raise ValueError(f"negative reorders are relation phrases such as 'to the left of', got {bad}")
+    bad = [g for g in negative_exchanges if isinstance(g, str) or len(set(g)) < 2
+           or not all(isinstance(w, str) and w and " " not in w for w in g)]
+    if bad:
+        raise ValueError(f"negative exchanges are classes of at least two single words, got {bad}")
     mirror_swaps = dict(mirror_swaps or {})
     unknown = sorted(set(mirror_swaps) - set(MIRROR_DIMS))
     if unknown:
@@ -206,8 +247,10 @@ def train_clip(data: str | os.PathLike, out: str | os.PathLike, train_config: Tr
             raise ValueError(f"word swaps are pairs of single words, got {bad}")
     from .data.datasets import open_dataset
 
+    if component not in ("clip", "judge"):
+        raise ValueError(f"a CLIP is exported as the model's clip or its judge, got {component!r}")
     out = Path(out)
-    run_dir = Path(run_dir) if run_dir else out / "runs" / "clip"
+    run_dir = Path(run_dir) if run_dir else out / "runs" / component
     start = ClipEncoder.load(init_from) if init_from is not None else None
     config = start.config if start is not None else config or _preset(preset)
     dataset = open_dataset(data, config.vision.get("image_size", 32))
@@ -223,15 +266,15 @@ def train_clip(data: str | os.PathLike, out: str | os.PathLike, train_config: Tr
     train_idx, held_idx = split_heldout(len(dataset), heldout_fraction, train_config.seed)
     heldout = torch.utils.data.Subset(dataset, held_idx)
     evaluate = make_retrieval_eval(heldout, clip) if held_idx else None
-    export = lambda ema, step: _export(ema, out)  # noqa: E731
+    export = lambda ema, step: _export(ema, out, component)  # noqa: E731
     pairs = _Tokenised(torch.utils.data.Subset(dataset, train_idx), clip, negative_swaps, mirror_swaps,
-                       negative_reorders)
+                       negative_reorders, negative_exchanges)
+    info = {"clip": dataclasses.asdict(config), "data": str(data), "negative_swaps": [list(p) for p in negative_swaps],
+            "mirror_swaps": mirror_swaps, "negative_reorders": list(negative_reorders),
+            "negative_exchanges": [list(g) for g in negative_exchanges],
+            "init_from": None if init_from is None else str(init_from), "component": component}
     ema = train(clip, clip_loss_fn, pairs, run_dir, train_config, Hooks(export=export, evaluate=evaluate),
-                resume=resume, progress=progress, extra_info={"clip": dataclasses.asdict(config), "data": str(data),
-                                                              "negative_swaps": [list(p) for p in negative_swaps],
-                                                              "mirror_swaps": mirror_swaps,
-                                                              "negative_reorders": list(negative_reorders),
-                                                              "init_from": None if init_from is None else str(init_from)})
+                resume=resume, progress=progress, extra_info=info)
     return evaluate(ema, train_config.steps) if evaluate else {}
 
 
@@ -254,6 +297,6 @@ def _vocab(run_dir: Path, captions: list[str], config: ClipConfig, resume: bool)
     return words
 
 
-def _export(ema: ClipEncoder, out: Path) -> None:
-    ema.save(out / "clip")
+def _export(ema: ClipEncoder, out: Path, component: str) -> None:
+    ema.save(out / component)
     update_model_index(out)

@@ -66,6 +66,10 @@ class SamplingSettings:
     # cosines. On the shapes oracle at k = 4 (scripts/rerank_study.py) "both" kept relations 0.61 and counts 0.84
     # against the text's 0.60 and 0.78 (a random pick: 0.51, 0.80); docs/MODELS.md, "What best of 4 ranks by"
     rerank: str = "both"
+    # whether best-of-k's candidates decode one prior sample (True) or each its own (False). On the shapes oracle at
+    # k = 4 their own samples raised the share of relation captions with a right one among the 4 from 0.71 to 0.79
+    # (240 groups each; scripts/rerank_study.py --own-priors); docs/MODELS.md, "A judge for best of 4"
+    share_prior: bool = False
 
     def __post_init__(self):
         for name in ("prior_sampler", "decoder_sampler", "upsampler_sampler"):
@@ -110,8 +114,10 @@ class UnCLIPPipeline:
     """CLIP + prior + decoder + upsamplers, loaded from one model folder."""
 
     def __init__(self, clip: ClipEncoder, prior: DiffusionPrior | None, decoder: Decoder,
-                 upsamplers: Sequence[Upsampler] = (), model_id: str = "", sampling: dict | None = None):
+                 upsamplers: Sequence[Upsampler] = (), model_id: str = "", sampling: dict | None = None,
+                 judge: ClipEncoder | None = None):
         self.clip, self.prior, self.decoder = clip.eval(), prior.eval() if prior else None, decoder.eval()
+        self.judge = judge.eval() if judge is not None else None  # a second CLIP that best-of-k asks about the prompt
         self.upsamplers = sorted(upsamplers, key=lambda u: u.config.image_size)
         self.model_id = model_id
         sampling_settings(sampling or {})     # bad defaults fail here, not at the first image
@@ -147,9 +153,10 @@ class UnCLIPPipeline:
             sampling_settings(index.get("sampling", {}))  # before any weights are read
         except ValueError as error:
             raise ValueError(f'{folder / "model_index.json"}, "sampling": {error}') from None
+        judge = ClipEncoder.load(folder / "judge") if components.get("judge") == "clip" else None
         return cls(ClipEncoder.load(folder / "clip"), prior, Decoder.load(folder / "decoder"), ups,
                    model_id=str(path_or_name) if path_or_name is not None else DEFAULT_MODEL,
-                   sampling=index.get("sampling"))
+                   sampling=index.get("sampling"), judge=judge)
 
     def save_pretrained(self, path: str | os.PathLike, dtype: torch.dtype | None = None) -> None:
         """Write every component folder and model_index.json (weights as safetensors, optionally fp16)."""
@@ -157,10 +164,13 @@ class UnCLIPPipeline:
         self.clip.save(path / "clip", dtype=dtype)
         if self.prior is not None:
             self.prior.save(path / "prior", dtype=dtype)
+        if self.judge is not None:
+            self.judge.save(path / "judge", dtype=dtype)
         self.decoder.save(path / "decoder", dtype=dtype)
         for up in self.upsamplers:
             up.save(path / f"upsampler_{up.config.image_size}", dtype=dtype)
         components = {"clip": "clip", "decoder": "decoder", **({"prior": "prior"} if self.prior else {}),
+                      **({"judge": "clip"} if self.judge is not None else {}),
                       **{f"upsampler_{u.config.image_size}": "upsampler" for u in self.upsamplers}}
         write_model_index(path, components, clip=dataclasses.asdict(self.clip.config) | {"vision": {}, "text": {}},
                           **({"sampling": self.sampling} if self.sampling else {}))
@@ -216,7 +226,7 @@ class UnCLIPPipeline:
         return sampling_settings({**self.sampling, **given})
 
     def modules(self) -> list[torch.nn.Module]:
-        return [m for m in (self.clip, self.prior, self.decoder, *self.upsamplers) if m is not None]
+        return [m for m in (self.clip, self.prior, self.decoder, *self.upsamplers, self.judge) if m is not None]
 
     def set_progress_bar_config(self, disable: bool = False) -> None:
         self.progress = not disable
@@ -248,27 +258,34 @@ class UnCLIPPipeline:
 
     def sample_image_emb(self, prompts, settings: SamplingSettings, seeds: Sequence[int] | None = None,
                          generator: torch.Generator | None = None, negative_prompt: str | None = None,
-                         latents: torch.Tensor | None = None, text=None):
-        """The prior stage: prompts -> image_emb [B, D] (and the prior's initial latents)."""
+                         latents: torch.Tensor | None = None, text=None, per_prompt: int = 1):
+        """The prior stage: prompts -> image_emb [B, D] (and the prior's initial latents [B, candidates, D]).
+
+        per_prompt n > 1 draws n samples per prompt, each from `settings.candidates` of its own: image_emb
+        [B, n, D] and latents [B, n * candidates, D]. Sample 0 is the one per_prompt=1 draws."""
         if self.prior is None:
             raise ValueError("this model has no prior/ component: use prior_free=True or train one "
                              "with `unclip train prior`")
         text = text or self.encode_text(prompts)
-        b = text[0].shape[0]
+        b, c, d = text[0].shape[0], settings.candidates, self.prior.config.embed_dim
         if latents is None:
-            latents = self._noise((settings.candidates, self.prior.config.embed_dim), b, seeds, generator, "prior")
+            latents = self._noise((per_prompt * c, d), b, seeds, generator, "prior")
         negative = self.encode_text([negative_prompt]) if negative_prompt else None
+        if per_prompt > 1:
+            text = tuple(t.repeat_interleave(per_prompt, dim=0) if t is not None else None for t in text)
         with torch.inference_mode(), self._autocast():
             out = sample_prior(self.prior, *text, scheduler=settings.prior_sampler, num_steps=settings.prior_steps,
-                               guidance_scale=settings.prior_guidance, candidates=settings.candidates,
-                               latents=latents.to(self.device), negative=negative, eta=settings.eta,
-                               generator=_step_generators(seeds, generator, "prior", settings.candidates),
+                               guidance_scale=settings.prior_guidance, candidates=c,
+                               latents=latents.reshape(b * per_prompt, c, d).to(self.device), negative=negative,
+                               eta=settings.eta, generator=_step_generators(seeds, generator, "prior", per_prompt * c),
                                progress=self.progress)
-        return out["image_emb"].float(), latents
+        image_emb = out["image_emb"].float()
+        return (image_emb.view(b, per_prompt, d) if per_prompt > 1 else image_emb), latents
 
     def decode(self, image_emb: torch.Tensor, text=None, settings: SamplingSettings | dict | None = None,
                seeds: Sequence[int] | None = None, generator: torch.Generator | None = None,
-               latents: dict[str, torch.Tensor] | None = None, prior_free: bool = False) -> UnCLIPOutput:
+               latents: dict[str, torch.Tensor] | None = None, prior_free: bool = False,
+               prompts: Sequence[str] | None = None) -> UnCLIPOutput:
         """Decoder + upsamplers: image_emb [B, D] (and optional text encodings, `decoder_text`) -> images.
 
         `latents` maps "decoder" and "upsampler_<size>" to initial noise; missing ones are drawn from
@@ -277,20 +294,29 @@ class UnCLIPPipeline:
         With `settings.image_candidates` k > 1 (and no given decoder noise) the decoder draws k samples per image
         and keeps the one whose CLIP image embedding `rerank_scores` ranks first (by default the one closest to
         image_emb and the text embedding together): best-of-k reranking, k times the decoder's cost.
-        `latents["decoder"]` is then the kept noise.
+        `latents["decoder"]` is then the kept noise. image_emb [B, k, D] gives each of the k candidates its own
+        embedding (`sample_image_emb(per_prompt=k)`); the output then holds the kept one's, and the kept one's
+        `latents["prior"]` where those are [B, k * candidates, D]. Where the model has a judge (a second CLIP,
+        trained on from the first with binding negatives) and the `prompts` (one per image) are given, the judge's
+        image-text cosine replaces the CLIP's as the text term.
         """
         settings = self.settings(**settings) if isinstance(settings, dict) else settings or self.settings()
         latents = dict(latents or {})
         b = image_emb.shape[0]
         s = self.decoder.config.image_size
-        k = 1 if "decoder" in latents else settings.image_candidates
+        own = image_emb.dim() == 3  # one embedding per candidate
+        if own and "decoder" in latents:
+            raise ValueError("one image embedding per candidate ([B, k, D]) needs fresh decoder noise, "
+                             "not given latents['decoder']")
+        k = image_emb.shape[1] if own else 1 if "decoder" in latents else settings.image_candidates
         noise = latents.get("decoder")
         if noise is None:
             noise = self._noise((k, 3, s, s), b, seeds, generator, "decoder").flatten(0, 1)  # [b * k, 3, s, s]
         tokens, mask = (text[1], text[2]) if text is not None else (None, None)
         repeat = (lambda x: x.repeat_interleave(k, dim=0) if x is not None else None)  # noqa: E731
+        emb = image_emb.flatten(0, 1) if own else repeat(image_emb)
         with torch.inference_mode(), self._autocast():
-            base = sample_decoder(self.decoder, repeat(image_emb.to(self.device)), repeat(tokens), repeat(mask),
+            base = sample_decoder(self.decoder, emb.to(self.device), repeat(tokens), repeat(mask),
                                   scheduler=settings.decoder_sampler, num_steps=settings.decoder_steps,
                                   guidance_scale=settings.decoder_guidance, text_guidance_scale=settings.text_guidance,
                                   guidance_interval=settings.decoder_guidance_interval,
@@ -299,11 +325,23 @@ class UnCLIPPipeline:
                                   latents=noise.to(self.device),
                                   prior_free=prior_free, progress=self.progress)["images"].float()
             if k > 1:
+                text_emb, judged = text[0].to(self.device) if text is not None else None, None
+                if self.judge is not None and prompts is not None and settings.rerank != "image":
+                    judged = self.judge.encode_image(base).view(b, k, -1)
+                    text_emb = self.judge.encode_text(list(prompts))[0]
                 score = rerank_scores(self.clip.encode_image(base).view(b, k, -1),
                                       None if prior_free else image_emb.to(self.device),  # prior-free: zeros
-                                      text[0].to(self.device) if text is not None else None, settings.rerank)
-                best = score.argmax(dim=1) + torch.arange(b, device=score.device) * k   # [b] rows of the keepers
-                base, noise = base[best], noise[best.cpu()]
+                                      text_emb, settings.rerank, text_candidates=judged)
+                kept = score.argmax(dim=1).cpu()
+                best = kept + torch.arange(b) * k                                      # [b] rows of the keepers
+                base, noise = base[best.to(base.device)], noise[best]
+                if own:
+                    image_emb = image_emb[torch.arange(b), kept.to(image_emb.device)]
+                    prior = latents.get("prior")
+                    if prior is not None and prior.shape[1] % k == 0:
+                        latents["prior"] = prior.view(b, k, prior.shape[1] // k, -1)[torch.arange(b), kept]
+            elif own:
+                image_emb = image_emb[:, 0]
             latents["decoder"] = noise
             x = base
             for up in self.upsamplers:
@@ -335,11 +373,13 @@ class UnCLIPPipeline:
         latents = dict(latents or {})
         if prior_free:
             image_emb = torch.zeros(len(prompts), self.clip.embed_dim, device=self.device)
-        elif image_emb is None:
+        elif image_emb is None:  # best-of-k: each candidate its own prior sample unless shared or noise is given
+            own = not settings.share_prior and not {"prior", "decoder"} & set(latents)
             image_emb, latents["prior"] = self.sample_image_emb(prompts, settings, seeds, generator,
-                                                                negative_prompt, latents.get("prior"), text)
+                                                                negative_prompt, latents.get("prior"), text,
+                                                                per_prompt=settings.image_candidates if own else 1)
         out = self.decode(image_emb, self.decoder_text(prompts, text), settings, seeds, generator, latents,
-                          prior_free=prior_free)
+                          prior_free=prior_free, prompts=prompts)
         out.info = self._info("generate", settings, seed, prompts=prompts, negative_prompt=negative_prompt,
                               prior_free=prior_free)
         return out
@@ -463,16 +503,23 @@ def _step_generators(seeds, generator, stage: str, repeats: int = 1):
 
 
 def rerank_scores(candidates: torch.Tensor, image_emb: torch.Tensor | None, text_emb: torch.Tensor | None,
-                  rerank: str = "both") -> torch.Tensor:
+                  rerank: str = "both", text_candidates: torch.Tensor | None = None) -> torch.Tensor:
     """Best-of-k scores [B, k] of candidates' CLIP image embeddings [B, k, D]: cosine to the image embedding [B, D]
     they were decoded from ("image"), to the prompt's text embedding ("text"), or the sum ("both"). Where the named
     one is missing, the other stands in: without a prompt (variations) every mode ranks by the image embedding, and
-    without an image embedding (prior-free) by the text."""
-    given = {"image": image_emb, "text": text_emb}
-    targets = [given[name] for name in ("image", "text") if rerank in (name, "both") and given[name] is not None]
-    targets = targets or [t for t in given.values() if t is not None]
-    candidates = F.normalize(candidates.float(), dim=-1)
-    return sum((candidates * F.normalize(t.float(), dim=-1)[:, None]).sum(-1) for t in targets)
+    without an image embedding (prior-free) by the text. image_emb may be [B, k, D], one per candidate (each
+    decoded from its own). `text_candidates` [B, k, D'] are the candidates in the
+    space of `text_emb` [B, D'] where that is another CLIP's (a judge's); by default `candidates`."""
+    given = {"image": (candidates, image_emb), "text": (candidates if text_candidates is None else text_candidates,
+                                                         text_emb)}
+    names = [name for name in ("image", "text") if rerank in (name, "both") and given[name][1] is not None]
+    names = names or [name for name in ("image", "text") if given[name][1] is not None]
+
+    def cosine(features, target):  # target [B, D] for every candidate, or [B, k, D] one per candidate
+        target = F.normalize(target.float(), dim=-1)
+        return (F.normalize(features.float(), dim=-1) * (target[:, None] if target.dim() == 2 else target)).sum(-1)
+
+    return sum(cosine(*given[name]) for name in names)
 
 
 def _seeds(seed: int | None, n: int, generator) -> list[int] | None:

@@ -22,8 +22,8 @@ from .config import config_from_dict, read_json, write_json
 from .training import TrainConfig
 
 STAGES = ("data", "clip", "embeddings", "prior", "decoder", "upsampler", "export")
-CLIP_OPTIONS = ("negative_swaps", "mirror_swaps", "negative_reorders")  # a clip finetune phase may override them
-SECTION_KEYS = {"clip": {"preset", "heldout", *CLIP_OPTIONS, "train", "finetune"}, "embeddings": {"options"},
+CLIP_OPTIONS = ("negative_swaps", "mirror_swaps", "negative_reorders", "negative_exchanges")  # a clip finetune phase may override them
+SECTION_KEYS = {"clip": {"preset", "heldout", *CLIP_OPTIONS, "train", "finetune", "judge"}, "embeddings": {"options"},
                 "prior": {"preset", "train"},
                 "decoder": {"preset", "config", "train", "oversample", "finetune"}, "upsampler": {"size", "preset", "config", "train"},
                 "export": {"path", "bundle", "sampling"}}  # the "data" section passes its keys to the builder
@@ -52,8 +52,10 @@ def load_recipe(path: str | os.PathLike) -> dict:
                 config_from_dict(TrainConfig, section.get("train", {}))
                 if stage == "decoder":
                     _decoder_phases(section)
-                if stage == "clip" and "finetune" in section:
-                    _check_clip_finetune(section["finetune"])
+                if stage == "clip":
+                    for phase in ("finetune", "judge"):
+                        if phase in section:
+                            _check_clip_phase(section[phase], phase)
             if stage == "decoder" and section is not None:
                 decoder_preset(section.get("preset", "tiny"), **section.get("config", {}))
             if stage == "upsampler" and section is not None:
@@ -140,13 +142,13 @@ def _data(recipe: dict, out: Path, progress: bool) -> dict:
     raise ValueError(f"unknown data builder {builder!r} (shapes, emoji)")
 
 
-def _check_clip_finetune(phase) -> None:
-    """A clip "finetune" phase: {"train": {...TrainConfig...}, and any of CLIP_OPTIONS to override}."""
+def _check_clip_phase(phase, name: str) -> None:
+    """A clip "finetune" or "judge" phase: {"train": {...TrainConfig...}, and any of CLIP_OPTIONS to override}."""
     if not isinstance(phase, dict) or "train" not in phase:
-        raise ValueError('"finetune" must be an object with its own "train" settings')
+        raise ValueError(f'"{name}" must be an object with its own "train" settings')
     unknown = sorted(set(phase) - {"train", *CLIP_OPTIONS})
     if unknown:
-        raise ValueError(f"unknown keys {unknown} in clip finetune (known: train, {', '.join(CLIP_OPTIONS)})")
+        raise ValueError(f"unknown keys {unknown} in clip {name} (known: train, {', '.join(CLIP_OPTIONS)})")
     config_from_dict(TrainConfig, phase["train"])
 
 
@@ -163,6 +165,12 @@ def _clip(recipe: dict, out: Path, progress: bool) -> dict:
         metrics = train_clip(data, out / "model", config_from_dict(TrainConfig, phase["train"]),
                              run_dir=out / "runs" / "clip-finetune", init_from=out / "model" / "clip", **common,
                              **options)
+    judge = section.get("judge")
+    if judge:  # the best-of-k judge, on from the finished CLIP; the prior and the decoder never read it
+        options.update({key: judge[key] for key in CLIP_OPTIONS if key in judge})
+        metrics["judge"] = train_clip(data, out / "model", config_from_dict(TrainConfig, judge["train"]),
+                                      run_dir=out / "runs" / "clip-judge", init_from=out / "model" / "clip",
+                                      component="judge", **common, **options)
     return metrics
 
 
