@@ -67,8 +67,9 @@ class SamplingSettings:
     # against the text's 0.60 and 0.78 (a random pick: 0.51, 0.80); docs/MODELS.md, "What best of 4 ranks by"
     rerank: str = "both"
     # whether best-of-k's candidates decode one prior sample (True) or each its own (False). On the shapes oracle at
-    # k = 4 their own samples raised the share of relation captions with a right one among the 4 from 0.71 to 0.79
-    # (240 groups each; scripts/rerank_study.py --own-priors); docs/MODELS.md, "A judge for best of 4"
+    # k = 4 their own samples raised the share of groups of 4 holding a right relation image from 0.71 to 0.79 (240
+    # groups each), and the judge kept a right one 0.63 of the time instead of 0.57; docs/MODELS.md, "A judge for
+    # best of 4" (scripts/rerank_study.py --own-priors)
     share_prior: bool = False
 
     def __post_init__(self):
