@@ -62,17 +62,15 @@ def best_of(rows, k, judge):
     picks = []
     for row in rows:
         for group in range(0, len(row["ok"]), k):
-            image_emb = row["image_emb"][None] if row["image_emb"].dim() == 1 else row["image_emb"][None, group:group + k]
             if judge in ("random", "ceiling"):  # the group's first; any right one (what a perfect judge keeps)
                 picks.append(row["ok"][group] if judge == "random" else any(row["ok"][group:group + k]))
                 continue
-            if judge.startswith("judge "):  # the judge's image-text cosine as the text term
-                scores = rerank_scores(row["features"][None, group:group + k], image_emb,
-                                       row["judge_text"][None], judge.split()[1],
-                                       text_candidates=row["judged"][None, group:group + k])
-            else:
-                scores = rerank_scores(row["features"][None, group:group + k], image_emb, row["text_emb"][None],
-                                       judge)
+            window = slice(group, group + k)
+            image_emb = row["image_emb"][None] if row["image_emb"].dim() == 1 else row["image_emb"][None, window]
+            by_judge = judge.startswith("judge ")  # the judge's image-text cosine as the text term
+            scores = rerank_scores(row["features"][None, window], image_emb,
+                                   row["judge_text" if by_judge else "text_emb"][None], judge.split()[-1],
+                                   text_candidates=row["judged"][None, window] if by_judge else None)
             picks.append(row["ok"][group + int(scores.argmax())])
     return statistics.mean(picks), len(picks)
 

@@ -509,8 +509,8 @@ def rerank_scores(candidates: torch.Tensor, image_emb: torch.Tensor | None, text
     they were decoded from ("image"), to the prompt's text embedding ("text"), or the sum ("both"). Where the named
     one is missing, the other stands in: without a prompt (variations) every mode ranks by the image embedding, and
     without an image embedding (prior-free) by the text. image_emb may be [B, k, D], one per candidate (each
-    decoded from its own). `text_candidates` [B, k, D'] are the candidates in the
-    space of `text_emb` [B, D'] where that is another CLIP's (a judge's); by default `candidates`."""
+    decoded from its own). `text_candidates` [B, k, D'] are the candidates in the space of `text_emb` [B, D'] where
+    that is another CLIP's (a judge's); by default `candidates`."""
     given = {"image": (candidates, image_emb), "text": (candidates if text_candidates is None else text_candidates,
                                                          text_emb)}
     names = [name for name in ("image", "text") if rerank in (name, "both") and given[name][1] is not None]

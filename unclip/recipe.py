@@ -22,7 +22,8 @@ from .config import config_from_dict, read_json, write_json
 from .training import TrainConfig
 
 STAGES = ("data", "clip", "embeddings", "prior", "decoder", "upsampler", "export")
-CLIP_OPTIONS = ("negative_swaps", "mirror_swaps", "negative_reorders", "negative_exchanges")  # a clip finetune phase may override them
+# a clip finetune or judge phase may override them
+CLIP_OPTIONS = ("negative_swaps", "mirror_swaps", "negative_reorders", "negative_exchanges")
 SECTION_KEYS = {"clip": {"preset", "heldout", *CLIP_OPTIONS, "train", "finetune", "judge"}, "embeddings": {"options"},
                 "prior": {"preset", "train"},
                 "decoder": {"preset", "config", "train", "oversample", "finetune"}, "upsampler": {"size", "preset", "config", "train"},
@@ -159,18 +160,17 @@ def _clip(recipe: dict, out: Path, progress: bool) -> dict:
     common = dict(heldout_fraction=section.get("heldout", 0.05), progress=progress, resume=True)
     metrics = train_clip(data, out / "model", _train_config(recipe, "clip"), preset=section.get("preset", "tiny-32"),
                          run_dir=out / "runs" / "clip", **common, **options)
-    phase = section.get("finetune")
-    if phase:  # a second phase from the first one's EMA weights: fresh optimizer, its own schedule and negatives
+    # phases on from the CLIP so far (its EMA weights, a fresh optimizer, their own schedule and negatives): "finetune"
+    # replaces the model's CLIP; "judge" writes the best-of-k judge, which the prior and the decoder never read
+    for name, component in (("finetune", "clip"), ("judge", "judge")):
+        phase = section.get(name)
+        if not phase:
+            continue
         options.update({key: phase[key] for key in CLIP_OPTIONS if key in phase})
-        metrics = train_clip(data, out / "model", config_from_dict(TrainConfig, phase["train"]),
-                             run_dir=out / "runs" / "clip-finetune", init_from=out / "model" / "clip", **common,
-                             **options)
-    judge = section.get("judge")
-    if judge:  # the best-of-k judge, on from the finished CLIP; the prior and the decoder never read it
-        options.update({key: judge[key] for key in CLIP_OPTIONS if key in judge})
-        metrics["judge"] = train_clip(data, out / "model", config_from_dict(TrainConfig, judge["train"]),
-                                      run_dir=out / "runs" / "clip-judge", init_from=out / "model" / "clip",
-                                      component="judge", **common, **options)
+        result = train_clip(data, out / "model", config_from_dict(TrainConfig, phase["train"]),
+                            run_dir=out / "runs" / f"clip-{name}", init_from=out / "model" / "clip",
+                            component=component, **common, **options)
+        metrics = result if component == "clip" else {**metrics, "judge": result}
     return metrics
 
 
