@@ -563,7 +563,7 @@ def sampling_options(fn):
                      help="Imagen's dynamic thresholding percentile for the decoder, e.g. 0.995."),
         click.option("--image-candidates", type=click.IntRange(min=1, max=64), default=1,
                      help="Decoder samples per image; keep the one the CLIP ranks best (--rerank; k times the "
-                          "decoder's time) [default: the model's own (shapes: 4), else 1]."),
+                          "decoder's time) [default: the model's own (shapes: 8), else 1]."),
         click.option("--rerank", type=click.Choice(RERANK), default=SAMPLING_DEFAULTS["rerank"], show_default=True,
                      help="What --image-candidates ranks by: closeness to the image embedding the decoder was "
                           "given, to the prompt, or the sum of both (the prompt through the model's judge CLIP "
@@ -860,7 +860,7 @@ def info(model):
 @click.option("--grid", type=click.Path(dir_okay=False), default=None, help="Write a sample grid PNG.")
 @click.option("--image-candidates", type=click.IntRange(min=1, max=64), default=None,
               help="Decoder samples per caption, reranked by the CLIP (as in `unclip generate`) [default: the "
-                   "model's own (shapes: 4), else 1].")
+                   "model's own (shapes: 8), else 1].")
 @click.option("--rerank", type=click.Choice(RERANK), default=None,
               help="What the candidates are ranked by (as in `unclip generate`) [default: the model's own, else both].")
 @click.option("--share-prior", is_flag=True, default=None,

@@ -67,12 +67,12 @@ def test_bundled_upsampler_restores_downsampled_pictures(name):
 
 
 def test_the_shapes_judge_tells_which_colour_goes_with_which_shape():
-    """The bundled shapes model ranks its 4 candidates, each from its own prior sample, with its judge CLIP; on
+    """The bundled shapes model ranks its 8 candidates, each from its own prior sample, with its judge CLIP; on
     rendered relation scenes the judge prefers the caption to its twin with the two colours (or shapes) exchanged
     (measured: 55 of 55 and 34 of 42)."""
     pipe = UnCLIPPipeline.from_pretrained("shapes")
     settings = pipe.settings()
-    assert pipe.judge is not None and settings.image_candidates == 4 and not settings.share_prior
+    assert pipe.judge is not None and settings.image_candidates == 8 and not settings.share_prior
     rng = np.random.default_rng(1)
     scenes = [sample_scene(rng, "relation") for _ in range(60)]
     captions = [caption(scene) for scene in scenes]

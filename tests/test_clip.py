@@ -222,6 +222,9 @@ def test_exchange_words_swaps_two_different_words_of_one_class():
     assert exchange_words("a red circle above a red square", classes) == "a red square above a red circle"
     assert exchange_words("a red circle", classes) == "a red circle"                          # nothing to exchange
     assert exchange_words("a reddish circle above a green squares", classes) == "a reddish circle above a green squares"
+    # the articles follow the words: "a orange" would give the twin away by its grammar alone
+    colours = [["red", "orange"]]
+    assert exchange_words("an orange circle above a red square", colours) == "a red circle above an orange square"
 
 
 def _binding_pairs():

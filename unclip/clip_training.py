@@ -123,6 +123,9 @@ def exchange_words(caption: str, classes: Sequence[Sequence[str]], pick: int = 0
         return caption
     a, b = usable[pick % len(usable)]
     words[a], words[b] = words[b], words[a]
+    for i in (a, b):  # the article agrees with its new word ("a red" <-> "an orange"), or the twin gives itself away
+        if i > 0 and words[i - 1] in ("a", "an"):
+            words[i - 1] = "an" if words[i][0] in "aeiou" else "a"
     return " ".join(words)
 
 
