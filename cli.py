@@ -10,6 +10,7 @@ Examples:
 from __future__ import annotations
 
 import functools
+import os
 import sys
 
 import click
@@ -132,6 +133,22 @@ def train():
     """Train a component: clip, prior, decoder, upsampler."""
 
 
+@train.result_callback()
+def _leave_process_group(*_, **__):
+    """After a training command succeeds, every process leaves the group that `accelerate launch` set up, all
+    of them still alive: left to interpreter teardown, NCCL warns and gloo's threads can abort a rank."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def echo_main(message: str) -> None:
+    """click.echo on the main process only (`accelerate launch` runs a command once per process)."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        click.echo(message)
+
+
 @main.group("eval")
 def eval_():
     """Evaluate a model and write JSON reports."""
@@ -252,7 +269,7 @@ def train_clip_cmd(data, out, preset, heldout, negative_swaps, mirror_swaps, neg
                          negative_exchanges=[_word_class(c) for c in negative_exchanges],
                          component="judge" if judge else "clip")
     summary = ", ".join(f"{k} {v:.3f}" for k, v in metrics.items())
-    click.echo(f"wrote {out}/{'judge' if judge else 'clip'}" + (f" (held-out {summary})" if summary else ""))
+    echo_main(f"wrote {out}/{'judge' if judge else 'clip'}" + (f" (held-out {summary})" if summary else ""))
 # CLIP-COMMANDS-END
 
 # ---------------------------------------------------------------- prior commands
@@ -310,8 +327,6 @@ def embed_cmd(data_dir, clip_dir, out, shard_size, batch_size, dtype, quiet):
     accelerate launch --num_processes 8 -m cli embed --data 'shards/{00000..00999}.tar' --clip M --out emb
     unclip train prior --model models/shapes --embeddings data/shapes-emb
     """
-    import os
-
     from unclip.clip import ClipEncoder
     from unclip.data.datasets import open_dataset
     from unclip.data.embeddings import write_embeddings_distributed
@@ -319,9 +334,8 @@ def embed_cmd(data_dir, clip_dir, out, shard_size, batch_size, dtype, quiet):
     clip = ClipEncoder.load(_clip_folder(clip_dir)).eval()
     result = write_embeddings_distributed(clip, open_dataset(data_dir, clip.image_size), out, shard_size=shard_size,
                                           batch_size=batch_size, dtype=dtype, progress=not quiet)
-    if int(os.environ.get("RANK", "0")) == 0:
-        click.echo(f"{out}: {result['count']} pairs in {result['shards']} shards "
-                   f"({result['written']} written, {result['skipped']} already complete)")
+    echo_main(f"{out}: {result['count']} pairs in {result['shards']} shards "
+              f"({result['written']} written, {result['skipped']} already complete)")
 
 
 @train.command("prior")
@@ -351,7 +365,7 @@ def train_prior_cmd(model_dir, data, embeddings, preset, heldout, resume, run_di
     config = make_train_config(kw, eval_every=kw["checkpoint_every"])
     train_prior(model_dir, data=data, embeddings=embeddings, train_config=config, preset=preset,
                 run_dir=run_dir, resume=resume, heldout=heldout, progress=not quiet)
-    click.echo(f"wrote {model_dir}/prior")
+    echo_main(f"wrote {model_dir}/prior")
 
 
 @eval_.command("prior")
@@ -473,7 +487,7 @@ def train_decoder_cmd(model_dir, data, preset, text_drop, image_drop, text_encod
     train_decoder(model_dir, data, train_config=make_train_config(kw, sample_every=sample_every), config=config,
                   run_dir=run_dir, resume=resume, heldout=heldout, sample_steps=sample_steps, progress=not quiet,
                   init_from=init_from, oversample=[_oversample_option(o) for o in oversample])
-    click.echo(f"wrote {model_dir}/decoder")
+    echo_main(f"wrote {model_dir}/decoder")
 
 
 def _oversample_option(text: str) -> tuple[str, int]:
@@ -511,7 +525,7 @@ def train_upsampler_cmd(model_dir, data, size, preset, aug_max, blur_prob, predi
     train_upsampler(model_dir, data, size, train_config=make_train_config(kw, sample_every=sample_every),
                     config=config, run_dir=run_dir, resume=resume, heldout=heldout, sample_steps=sample_steps,
                     progress=not quiet)
-    click.echo(f"wrote {model_dir}/upsampler_{size}")
+    echo_main(f"wrote {model_dir}/upsampler_{size}")
 # DECODER-COMMANDS-END
 
 # ---------------------------------------------------------------- pipeline commands
@@ -570,6 +584,9 @@ def sampling_options(fn):
                           "where it has one)."),
         click.option("--share-prior", is_flag=True,
                      help="Decode all --image-candidates from one prior sample instead of one each."),
+        click.option("--no-rerank-twins", is_flag=True,
+                     help="Rank --image-candidates by the prompt alone, not also against its twins (the model's "
+                          "rerank_twins: the prompt with a colour, shape or relation exchanged; shapes has them)."),
         # Output
         click.option("-o", "--out", "out", type=click.Path(), default="outputs", show_default=True,
                      help="A .png file for one image, or a folder that receives 0000.png, 0001.png, ..."),
@@ -618,12 +635,15 @@ def pop_settings(kw: dict) -> dict:
                     decoder_guidance_interval=kw.pop("guidance_interval_decoder"),
                     dynamic_threshold=kw.pop("dynamic_threshold"), image_candidates=kw.pop("image_candidates"),
                     rerank=kw.pop("rerank"), share_prior=kw.pop("share_prior"))
+    if kw.pop("no_rerank_twins"):
+        settings["rerank_twins"] = {}
     options.update(prior_guidance=("guidance_prior",), decoder_guidance=("guidance_decoder",),
                    decoder_guidance_interval=("guidance_interval_decoder",))
     for name in ("prior_guidance", "decoder_guidance"):
         if not math.isfinite(settings[name]):
             raise click.BadParameter(f"must be a finite number, got {settings[name]}",
                                      param_hint=f"--{name.replace('_', '-').replace('prior-g', 'g')}")
+    options["rerank_twins"] = ("no_rerank_twins",)
     return {name: value for name, value in settings.items() if given(*options.get(name, (name,)))}
 
 
@@ -865,9 +885,11 @@ def info(model):
               help="What the candidates are ranked by (as in `unclip generate`) [default: the model's own, else both].")
 @click.option("--share-prior", is_flag=True, default=None,
               help="Decode all candidates from one prior sample (as in `unclip generate`).")
+@click.option("--no-rerank-twins", is_flag=True, default=None,
+              help="Rank the candidates by the prompt alone, not also against its twins (as in `unclip generate`).")
 @friendly_errors
 def eval_model(model, test, train_data, n, seed, json_out, markdown, name, grid, image_candidates, rerank,
-               share_prior):
+               share_prior, no_rerank_twins):
     """Quality report: prior cosines, CLIP R-precision, FD in CLIP space, shapes oracle.
 
     \b
@@ -878,7 +900,8 @@ def eval_model(model, test, train_data, n, seed, json_out, markdown, name, grid,
     from unclip.config import write_json
     from unclip.eval.report import evaluate_model, markdown as to_markdown, update_markdown
 
-    given = {"image_candidates": image_candidates, "rerank": rerank, "share_prior": share_prior or None}
+    given = {"image_candidates": image_candidates, "rerank": rerank, "share_prior": share_prior or None,
+             "rerank_twins": {} if no_rerank_twins else None}
     settings = {key: value for key, value in given.items() if value is not None}
     report = evaluate_model(model, test, train_data, n=n, seed=seed, grid=grid, **settings)
     if json_out:

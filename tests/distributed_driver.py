@@ -210,11 +210,14 @@ def main(work: Path) -> None:
     # (b) a 1-process checkpoint at step 2 resumed with 2 processes (same global batch 8)
     train(make_prior(), prior_loss, prior_data(), work / "runs" / "resume", train_config(4), resume=True,
           progress=False)
-    run_stream(work, int(torch.distributed.get_rank()))
+    rank = int(torch.distributed.get_rank())
+    run_stream(work, rank)
     # ... and prior training on the embeddings
     cli.main(["train", "prior", "--model", str(work / "model"), "--embeddings", str(work / "emb"), "--steps", "2",
               "--batch-size", "4", "--heldout", "0", "--warmup", "1", "--checkpoint-every", "1", "--quiet"],
              standalone_mode=False)
+    # the training command left the process group on its way out (`unclip train`'s result callback)
+    (work / f"group_after_cli_rank{rank}.txt").write_text(str(torch.distributed.is_initialized()))
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import cli
 from decoder.sample import upsample
 from decoder.upsampler import downsample
 from unclip import SamplingSettings, UnCLIPPipeline
-from unclip.clip_training import exchange_words
+from unclip.clip_training import caption_twins, exchange_words
 from unclip.data.shapes import PALETTE, SHAPES, caption, render_scene, sample_scene
 from unclip.eval.metrics import psnr
 from unclip.images import pil_to_tensor
@@ -83,6 +83,20 @@ def test_the_shapes_judge_tells_which_colour_goes_with_which_shape():
             image = pipe.judge.encode_image([render_scene(scenes[i]) for i in keep])
             right, wrong = (pipe.judge.encode_text([texts[i] for i in keep])[0] for texts in (captions, twins))
         assert len(keep) > 30 and ((image * right).sum(-1) > (image * wrong).sum(-1)).float().mean() >= least
+
+
+def test_the_shapes_model_samples_as_its_recipe_says():
+    """The bundled sampling defaults are the recipe's (configs/shapes.json), twins included: every relation and
+    count caption of the grammar has twins for the judge to be asked about (docs/MODELS.md)."""
+    from pathlib import Path
+
+    recipe = json.loads((Path(__file__).parent.parent / "configs" / "shapes.json").read_text())
+    pipe = UnCLIPPipeline.from_pretrained("shapes")
+    assert pipe.sampling == recipe["export"]["sampling"] and pipe.settings().rerank_twins
+    rng = np.random.default_rng(2)
+    for kind in ("relation", "count"):
+        for scene in (sample_scene(rng, kind) for _ in range(20)):
+            assert caption_twins(caption(scene), pipe.settings().rerank_twins), caption(scene)
 
 
 def test_generate_uses_the_default_model_without_model_option(tmp_path):

@@ -12,7 +12,8 @@ from PIL import Image
 import cli
 from conftest import SHAPES_WORDS, tiny_clip_config
 from unclip.clip import CLIP_PRESETS, ClipEncoder, WordTokenizer
-from unclip.clip_training import _Tokenised, clip_loss_fn, exchange_words, reorder_caption, swap_words, train_clip
+from unclip.clip_training import (_Tokenised, caption_twins, clip_loss_fn, exchange_words, reorder_caption, swap_words,
+                                   train_clip)
 from unclip.data.shapes import build_shapes
 from unclip.images import pil_to_tensor
 from unclip.training import TrainConfig, read_metrics
@@ -211,6 +212,22 @@ def test_reordered_negatives_teach_word_order_that_the_colour_pair_hides():
     # without the twins the order is left to chance (measured: one image's margin -0.006); with them every image
     # ranks its own caption first (measured: >= 0.34)
     assert min(with_twins) > 0.3 and min(without) < 0.1
+
+
+def test_caption_twins_follow_the_word_rules():
+    rules = {"swaps": [["left", "right"], ["two", "three"]], "reorders": ["to the left of", "above"],
+             "exchanges": [["red", "orange", "green"], ["circle", "square"]]}
+    assert caption_twins("a red circle to the left of an orange square", rules) == [
+        "a red circle to the right of an orange square",      # the swap
+        "an orange square to the left of a red circle",       # the reorder
+        "an orange circle to the left of a red square",       # the colours exchanged
+        "a red square to the left of an orange circle"]       # the shapes exchanged
+    assert caption_twins("two green circles", rules) == ["three green circles"]
+    assert caption_twins("a red circle above a red square", rules) == [   # the colour exchange is no twin: dropped
+        "a red square above a red circle"]                                # reorder and shape exchange agree
+    assert caption_twins("a red apple", rules) == [] and caption_twins("a red apple", {}) == []
+    with pytest.raises(ValueError, match="unknown twin rules"):
+        caption_twins("a red circle", {"mirror": []})
 
 
 def test_exchange_words_swaps_two_different_words_of_one_class():

@@ -222,6 +222,9 @@ def test_cli_prior_training_on_embeddings_under_two_processes(work):
     assert (work / "model" / "prior" / "model.safetensors").is_file()  # exported by the main process
     scale = json.loads((work / "model" / "runs" / "prior" / "train_config.json").read_text())["distributed"]
     assert scale["processes"] == 2 and scale["global_batch"] == 8
+    # every process left the process group after the command, and only the main one said what it wrote
+    assert [(work / f"group_after_cli_rank{r}.txt").read_text() for r in (0, 1)] == ["False", "False"]
+    assert (work / "launch_stdout.txt").read_text().count(f"wrote {work / 'model'}/prior") == 1
 
 
 def test_shard_split_rules():

@@ -12,6 +12,7 @@ from PIL import Image
 
 from conftest import make_tiny_pipeline
 from unclip import UnCLIPPipeline, mix, slerp, text_diff
+from unclip.clip_training import caption_twins
 from unclip.pipeline import rerank_scores
 
 FAST = dict(prior_steps=2, decoder_steps=2, upsampler_steps=2)
@@ -232,6 +233,43 @@ def test_rerank_scores_take_the_text_term_in_a_judges_space():
     assert rerank_scores(candidates, image, text, "image", text_candidates=judged).argmax().item() == 0
     expected = rerank_scores(candidates, image, None, "image") + rerank_scores(judged, None, text, "text")
     assert torch.equal(rerank_scores(candidates, image, text, "both", text_candidates=judged), expected)
+
+
+def test_rerank_twins_prefer_the_candidate_that_only_the_prompt_describes():
+    # candidate 0 is nearer the prompt, but as near its twin (a binding mistake fits both); candidate 1 fits the
+    # prompt a little less and the twin not at all: log p(prompt | candidate) among the two keeps candidate 1
+    text, twin = torch.tensor([[1.0, 0.0, 0.0]]), torch.tensor([[[0.0, 1.0, 0.0]]])
+    candidates = torch.tensor([[[1.0, 1.0, 0.0], [0.69, 0.0, 0.72]]])
+    plain = rerank_scores(candidates, None, text, "text")
+    assert plain.argmax().item() == 0
+    yes, no = torch.tensor([[True]]), torch.tensor([[False]])
+    twinned = rerank_scores(candidates, None, text, "text", twins=(twin, yes, 20.0))
+    assert twinned.argmax().item() == 1
+    twin_cos = torch.tensor([[2 ** -0.5, 0.0]])  # each candidate's cosine to the twin
+    log_p = 20 * plain - torch.logsumexp(torch.stack([20 * plain, 20 * twin_cos]), dim=0)
+    torch.testing.assert_close(twinned, plain + log_p / 20)
+    torch.testing.assert_close(rerank_scores(candidates, None, text, "text", twins=(twin, no, 20.0)), plain)  # masked
+    image = torch.tensor([[0.0, 0.0, 1.0]])  # "image" ranks by the embedding alone: the twins do not enter
+    assert torch.equal(rerank_scores(candidates, image, text, "image", twins=(twin, yes, 20.0)),
+                       rerank_scores(candidates, image, text, "image"))
+
+
+def test_best_of_k_asks_about_each_prompts_twins(pipe):
+    rules = {"swaps": [["left", "right"]], "exchanges": [["red", "blue"], ["circle", "square"]]}
+    prompts = ["a red circle on the left", "two blue squares", "a red circle above a blue square"]
+    emb, mask, scale = pipe._twins(prompts, rules, pipe.clip)
+    assert mask.tolist() == [[True, False], [False, False], [True, True]]
+    want = [caption_twins(p, rules) for p in prompts]
+    assert want[0] == ["a red circle on the right"] and want[1] == []
+    torch.testing.assert_close(emb[2], pipe.clip.encode_text(want[2])[0])
+    assert scale == pipe.clip.logit_scale and pipe._twins(["two blue squares"], rules, pipe.clip) is None
+    best = pipe.generate(prompts, seed=0, image_candidates=4, **FAST)
+    twinned = pipe.generate(prompts, seed=0, image_candidates=4, rerank_twins=rules, **FAST)
+    assert twinned.info["settings"]["rerank_twins"] == rules
+    text = pipe.encode_text(prompts)[0]
+    assert torch.equal(best.base[1], twinned.base[1])  # no twins: the same pick
+    with pytest.raises(ValueError, match="unknown twin rules"):
+        pipe("a red circle", rerank_twins={"mirrors": []})
 
 
 def test_a_judge_clip_ranks_the_candidates_against_the_prompt(pipe, tmp_path):

@@ -215,6 +215,11 @@ class ClipEncoder(torch.nn.Module):
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    @property
+    def logit_scale(self) -> float:
+        """The learned temperature: image-text cosines times this are the contrastive loss's logits."""
+        return float(self.model.logit_scale.detach().exp())
+
     # ---- tokens and preprocessing
 
     def tokenize(self, prompts: Sequence[str], warn: bool = True) -> torch.Tensor:

@@ -129,6 +129,23 @@ def exchange_words(caption: str, classes: Sequence[Sequence[str]], pick: int = 0
     return " ".join(words)
 
 
+TWIN_RULES = ("swaps", "reorders", "exchanges")
+
+
+def caption_twins(caption: str, rules: dict) -> list[str]:
+    """The caption's hard-negative twins under word rules of the kinds the CLIP trains with: "swaps" (word pairs,
+    `swap_words`), "reorders" (relation phrases, `reorder_caption`) and "exchanges" (word classes, one twin per
+    class, `exchange_words`). Distinct, without the caption itself; [] when no rule applies."""
+    unknown = sorted(set(rules) - set(TWIN_RULES))
+    if unknown:
+        raise ValueError(f"unknown twin rules {unknown} (known: {', '.join(TWIN_RULES)})")
+    twins = [swap_words(caption, rules["swaps"])] if rules.get("swaps") else []
+    if rules.get("reorders"):
+        twins.append(reorder_caption(caption, rules["reorders"]))
+    twins += [exchange_words(caption, [group]) for group in rules.get("exchanges", [])]
+    return [t for t in dict.fromkeys(twins) if t != caption]
+
+
 def _gather_features(image: torch.Tensor, text: torch.Tensor, captions: list[str]):
     """Every process's features in rank order (gradients flow back to their owners), captions, and the row
     of this process's first sample; the inputs themselves when not distributed."""

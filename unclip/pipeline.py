@@ -27,6 +27,7 @@ from prior.sample import sample_prior
 
 from .checkpoint import read_model_index, write_model_index
 from .clip import ClipEncoder
+from .clip_training import caption_twins
 from .images import load_image, pil_to_tensor, tensor_to_pil
 from .interpolation import mix, slerp, text_diff
 from .hub import DEFAULT_MODEL, resolve_model
@@ -71,6 +72,12 @@ class SamplingSettings:
     # groups each), and the judge kept a right one 0.63 of the time instead of 0.57; docs/MODELS.md, "A judge for
     # best of 4" (scripts/rerank_study.py --own-priors)
     share_prior: bool = False
+    # word rules ("swaps", "reorders", "exchanges"; unclip.clip_training.caption_twins) that make each prompt's
+    # hard-negative twins: the text term of best-of-k then adds log p(prompt | candidate) among the prompt and its
+    # twins, at the ranking CLIP's own logit scale and divided by it. The shapes model gives its judge's training
+    # negatives: relations kept at best of 8 went 0.61 -> 0.69 on captions naming a held-out colour-shape pair and
+    # 0.90 -> 0.88 on the rest (docs/MODELS.md, "Asking the judge about the twins"). None or {}: the cosine alone
+    rerank_twins: dict | None = None
 
     def __post_init__(self):
         for name in ("prior_sampler", "decoder_sampler", "upsampler_sampler"):
@@ -85,6 +92,8 @@ class SamplingSettings:
         self.decoder_guidance_interval = check_guidance_interval(self.decoder_guidance_interval)
         if self.rerank not in RERANK:
             raise ValueError(f"rerank must be one of {', '.join(RERANK)}, got {self.rerank!r}")
+        if self.rerank_twins is not None:
+            caption_twins("", self.rerank_twins)  # raises ValueError for unknown rules
         if self.dynamic_threshold is not None and not 0.5 < self.dynamic_threshold <= 1.0:
             raise ValueError(f"dynamic threshold is a percentile in (0.5, 1], got {self.dynamic_threshold}")
 
@@ -326,13 +335,16 @@ class UnCLIPPipeline:
                                   latents=noise.to(self.device),
                                   prior_free=prior_free, progress=self.progress)["images"].float()
             if k > 1:
-                text_emb, judged = text[0].to(self.device) if text is not None else None, None
-                if self.judge is not None and prompts is not None and settings.rerank != "image":
+                text_emb, judged, twins = text[0].to(self.device) if text is not None else None, None, None
+                ranker = self.judge if self.judge is not None and prompts is not None else self.clip
+                if ranker is self.judge and settings.rerank != "image":
                     judged = self.judge.encode_image(base).view(b, k, -1)
                     text_emb = self.judge.encode_text(list(prompts))[0]
+                if settings.rerank_twins and prompts is not None and settings.rerank != "image":
+                    twins = self._twins(list(prompts), settings.rerank_twins, ranker)
                 score = rerank_scores(self.clip.encode_image(base).view(b, k, -1),
                                       None if prior_free else image_emb.to(self.device),  # prior-free: zeros
-                                      text_emb, settings.rerank, text_candidates=judged)
+                                      text_emb, settings.rerank, text_candidates=judged, twins=twins)
                 kept = score.argmax(dim=1).cpu()
                 best = kept + torch.arange(b) * k                                      # [b] rows of the keepers
                 base, noise = base[best.to(base.device)], noise[best]
@@ -475,6 +487,22 @@ class UnCLIPPipeline:
         out.info = {"settings": settings}
         return out
 
+    def _twins(self, prompts: list[str], rules: dict, ranker: ClipEncoder):
+        """Each prompt's twins (`caption_twins`) in the ranker's text space: (embeddings [B, m, D], mask [B, m],
+        the ranker's logit scale), or None when no prompt has one."""
+        twins = [caption_twins(p, rules) for p in prompts]
+        m = max(map(len, twins))
+        if m == 0:
+            return None
+        emb = ranker.encode_text([t for group in twins for t in group])[0]
+        out = emb.new_zeros(len(prompts), m, emb.shape[-1])
+        mask = torch.zeros(len(prompts), m, dtype=torch.bool, device=emb.device)
+        start = 0
+        for i, group in enumerate(twins):
+            out[i, :len(group)], mask[i, :len(group)] = emb[start:start + len(group)], True
+            start += len(group)
+        return out, mask, ranker.logit_scale
+
     def _noise(self, shape: tuple, batch: int, seeds, generator, stage: str) -> torch.Tensor:
         """[B, *shape] unit Gaussian noise on the CPU: per-image seeds make image i independent of the batch."""
         if seeds is not None:
@@ -504,13 +532,18 @@ def _step_generators(seeds, generator, stage: str, repeats: int = 1):
 
 
 def rerank_scores(candidates: torch.Tensor, image_emb: torch.Tensor | None, text_emb: torch.Tensor | None,
-                  rerank: str = "both", text_candidates: torch.Tensor | None = None) -> torch.Tensor:
+                  rerank: str = "both", text_candidates: torch.Tensor | None = None, twins=None) -> torch.Tensor:
     """Best-of-k scores [B, k] of candidates' CLIP image embeddings [B, k, D]: cosine to the image embedding [B, D]
     they were decoded from ("image"), to the prompt's text embedding ("text"), or the sum ("both"). Where the named
     one is missing, the other stands in: without a prompt (variations) every mode ranks by the image embedding, and
     without an image embedding (prior-free) by the text. image_emb may be [B, k, D], one per candidate (each
     decoded from its own). `text_candidates` [B, k, D'] are the candidates in the space of `text_emb` [B, D'] where
-    that is another CLIP's (a judge's); by default `candidates`."""
+    that is another CLIP's (a judge's); by default `candidates`.
+
+    `twins` (embeddings [B, m, D'] in the text space, mask [B, m], logit scale s) add to the text term
+    log p(prompt | candidate) / s, the softmax at scale s over the prompt and its twins: how much better the
+    candidate fits the prompt than the captions it could be mistaken for (a colour or shape exchanged, the relation
+    reversed), in the direction the CLIP's hard negatives trained."""
     given = {"image": (candidates, image_emb), "text": (candidates if text_candidates is None else text_candidates,
                                                          text_emb)}
     names = [name for name in ("image", "text") if rerank in (name, "both") and given[name][1] is not None]
@@ -520,7 +553,16 @@ def rerank_scores(candidates: torch.Tensor, image_emb: torch.Tensor | None, text
         target = F.normalize(target.float(), dim=-1)
         return (F.normalize(features.float(), dim=-1) * (target[:, None] if target.dim() == 2 else target)).sum(-1)
 
-    return sum(cosine(*given[name]) for name in names)
+    score = sum(cosine(*given[name]) for name in names)
+    if twins is not None and "text" in names:
+        twin_emb, mask, scale = twins
+        features = F.normalize(given["text"][0].float(), dim=-1)                             # [B, k, D']
+        own = cosine(*given["text"])[..., None]                                              # [B, k, 1]
+        other = torch.einsum("bkd,bmd->bkm", features, F.normalize(twin_emb.float(), dim=-1))
+        other = other.masked_fill(~mask[:, None], float("-inf"))
+        scale = float(scale)
+        score = score + (own - torch.logsumexp(torch.cat([own, other], -1) * scale, -1, keepdim=True) / scale)[..., 0]
+    return score
 
 
 def _seeds(seed: int | None, n: int, generator) -> list[int] | None:
