@@ -6,8 +6,12 @@ gets the oracle's verdict and its CLIP image embedding's cosine to the prompt's 
 embedding the decoder was given. Best of k (k divides K) is then read K / k times per caption for every judge
 (`unclip.pipeline.rerank_scores`), next to a random pick (the first sample of each group) and the ceiling (the
 share of groups holding a right sample: what a perfect judge would keep). Where the model has a
-judge (judge/, a second CLIP), "judge text" and "judge both" take the text term from it, as the pipeline does. What
-chose the default `rerank` (docs/MODELS.md, "What best of 4 ranks by", "A judge for best of 4"):
+judge (judge/, a second CLIP), "judge text" and "judge both" take the text term from it, as the pipeline does. Where
+the model names twin rules (`"rerank_twins"` in its sampling defaults), "... +twins" adds the twins term to the text
+term (log p(prompt | sample) among the prompt and its twins, as `unclip generate` does by default). Relations are
+also reported split by whether the caption names a held-out colour-shape pair (the test split's split.json). What
+chose the default `rerank` (docs/MODELS.md, "What best of 4 ranks by", "A judge for best of 4", "Asking the judge
+about the twins"):
 
     python scripts/rerank_study.py --model shapes --data runs/shapes/data/test --relations 80 --counts 60 --k 4 \\
         --samples 8 --json rerank.json
@@ -21,6 +25,8 @@ import statistics
 
 import torch
 
+from pathlib import Path
+
 from unclip.data.datasets import ImageTextFolder
 from unclip.data.shapes import parse_caption
 from unclip.eval.shapes import check, detect_objects
@@ -31,6 +37,7 @@ def sample_captions(pipe, captions, samples, seed, own_priors=False):
     """Per caption: K samples' oracle verdicts and CLIP image embeddings, the prior's embedding and the text's."""
     rows = []
     settings = pipe.settings(image_candidates=1)
+    rules = settings.rerank_twins
     for start in range(0, len(captions), 10):
         batch = captions[start:start + 10]
         seeds = list(range(seed + start, seed + start + len(batch)))
@@ -46,6 +53,9 @@ def sample_captions(pipe, captions, samples, seed, own_priors=False):
             if pipe.judge is not None:
                 judged = pipe.judge.encode_image(out.base).view(len(batch), samples, -1)
                 judge_text = pipe.judge.encode_text(batch)[0]
+            # each prompt's twins in the text space of its ranker: the judge's where there is one, as the pipeline
+            twins = {name: pipe._twins(batch, rules, ranker) if rules else None
+                     for name, ranker in (("clip", pipe.clip), ("judge", pipe.judge)) if ranker is not None}
         for i, caption in enumerate(batch):
             request = parse_caption(caption)
             ok = [check(detect_objects(image), request) for image in out.images[i * samples:(i + 1) * samples]]
@@ -53,6 +63,8 @@ def sample_captions(pipe, captions, samples, seed, own_priors=False):
                              image_emb=image_emb[i], text_emb=text[0][i]))
             if pipe.judge is not None:
                 rows[-1].update(judged=judged[i], judge_text=judge_text[i])
+            for name, found in twins.items():  # (emb [m, D], mask [m], scale) of this caption, or None
+                rows[-1][f"twins_{name}"] = None if found is None else (found[0][i], found[1][i], found[2])
         print(f"{start + len(batch)} / {len(captions)} captions", flush=True)
     return rows
 
@@ -68,9 +80,12 @@ def best_of(rows, k, judge):
             window = slice(group, group + k)
             image_emb = row["image_emb"][None] if row["image_emb"].dim() == 1 else row["image_emb"][None, window]
             by_judge = judge.startswith("judge ")  # the judge's image-text cosine as the text term
+            mode, _, plus = judge.split()[-1].partition("+")
+            found = row["twins_judge" if by_judge else "twins_clip"] if plus else None
+            twins = None if found is None else (found[0][None], found[1][None], found[2])
             scores = rerank_scores(row["features"][None, window], image_emb,
-                                   row["judge_text" if by_judge else "text_emb"][None], judge.split()[-1],
-                                   text_candidates=row["judged"][None, window] if by_judge else None)
+                                   row["judge_text" if by_judge else "text_emb"][None], mode,
+                                   text_candidates=row["judged"][None, window] if by_judge else None, twins=twins)
             picks.append(row["ok"][group + int(scores.argmax())])
     return statistics.mean(picks), len(picks)
 
@@ -98,12 +113,19 @@ def main(argv=None):
     chosen = [i for i in order if kinds[i] == "relation"][:args.relations]
     chosen += [i for i in order if kinds[i] == "count"][:args.counts]
     rows = sample_captions(pipe, [test.captions[i] for i in chosen], args.samples, args.seed, args.own_priors)
+    split = Path(args.data).parent / "split.json"
+    held = {tuple(p) for p in json.loads(split.read_text())["held_out"]} if split.is_file() else set()
+    judges = ["random", "ceiling", *RERANK] + (["judge text", "judge both"] if pipe.judge is not None else [])
+    if pipe.settings().rerank_twins:
+        judges += [f"{judge}+twins" for judge in judges if judge.split()[-1] in ("text", "both")]
+    groups = {kind: [row for row in rows if row["kind"] == kind] for kind in ("relation", "count")}
+    if held:
+        groups["relation, held-out pair"] = [r for r in groups["relation"] if parse_caption(r["caption"]).pairs & held]
+        groups["relation, seen pairs"] = [r for r in groups["relation"] if not parse_caption(r["caption"]).pairs & held]
     table = {}
-    for kind in ("relation", "count"):
-        subset = [row for row in rows if row["kind"] == kind]
-        judges = ("random", "ceiling", *RERANK, *(("judge text", "judge both") if pipe.judge is not None else ()))
-        table[kind] = {judge: best_of(subset, args.k, judge) for judge in judges}
-        print(kind, {judge: f"{acc:.3f} ({n} picks)" for judge, (acc, n) in table[kind].items()})
+    for kind, subset in groups.items():
+        table[kind] = {judge: best_of(subset, args.k, judge) for judge in judges} if subset else {}
+        print(kind, {judge: f"{acc:.3f} ({n} picks)" for judge, (acc, n) in table[kind].items()}, flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(model=str(args.model), k=args.k, samples=args.samples, own_priors=args.own_priors,

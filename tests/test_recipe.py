@@ -28,7 +28,7 @@ RECIPE = {
     "upsampler": {"size": 64, "preset": "tiny-64", "config": {"block_out_channels": [32, 32],
                                                               "attention_levels": [False, False]},
                   "train": TINY_TRAIN},
-    "export": {"sampling": {"image_candidates": 2}},
+    "export": {"sampling": {"image_candidates": 2, "rerank_twins": {"exchanges": [["red", "green", "blue"]]}}},
 }
 
 
@@ -52,7 +52,8 @@ def test_recipe_runs_every_stage_resumes_and_reports(tiny_run, tmp_path):
     index = json.loads((export / "model_index.json").read_text())
     assert index["components"] == {"clip": "clip", "judge": "clip", "prior": "prior", "decoder": "decoder",
                                    "upsampler_64": "upsampler"}
-    assert index["sampling"] == {"image_candidates": 2}  # the recipe's sampling defaults travel with the model
+    # the recipe's sampling defaults travel with the model
+    assert index["sampling"] == {"image_candidates": 2, "rerank_twins": {"exchanges": [["red", "green", "blue"]]}}
     finetune = json.loads((run / "runs" / "decoder-finetune" / "train_config.json").read_text())
     assert finetune["init_from"] == str(run / "model" / "decoder") and finetune["train"]["lr_schedule"] == "cosine"
     assert (run / "runs" / "decoder-finetune" / "checkpoints").is_dir()
@@ -115,10 +116,14 @@ def test_rerank_study_reads_every_judge_against_the_ceiling(tiny_run, tmp_path):
         study(["--model", str(run / "export"), "--data", str(run / "data" / "test"), "--relations", "2", "--counts",
                "2", "--samples", "4", "--k", "2", "--json", str(out), *own])
         table = json.loads(out.read_text())["table"]
-        for kind in ("relation", "count"):  # the export has a judge (the recipe's clip.judge phase): its rows too
-            assert set(table[kind]) == {"random", "ceiling", "image", "text", "both", "judge text", "judge both"}
+        for kind in ("relation", "count"):  # the export has a judge (the recipe's clip.judge phase) and twin rules
+            assert set(table[kind]) == {"random", "ceiling", "image", "text", "both", "judge text", "judge both",
+                                        "text+twins", "both+twins", "judge text+twins", "judge both+twins"}
             ceiling, n = table[kind]["ceiling"]
             assert n == 4 and all(acc <= ceiling for acc, _ in table[kind].values())  # no judge beats any-right
+        # relations also split by whether the caption names a held-out colour-shape pair (the data's split.json)
+        parts = [table[f"relation, {part}"] for part in ("held-out pair", "seen pairs")]
+        assert sum(part["random"][1] for part in parts if part) == table["relation"]["random"][1]
 
 
 def test_recipe_validation(tmp_path):
