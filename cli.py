@@ -638,12 +638,11 @@ def pop_settings(kw: dict) -> dict:
     if kw.pop("no_rerank_twins"):
         settings["rerank_twins"] = {}
     options.update(prior_guidance=("guidance_prior",), decoder_guidance=("guidance_decoder",),
-                   decoder_guidance_interval=("guidance_interval_decoder",))
+                   decoder_guidance_interval=("guidance_interval_decoder",), rerank_twins=("no_rerank_twins",))
     for name in ("prior_guidance", "decoder_guidance"):
         if not math.isfinite(settings[name]):
             raise click.BadParameter(f"must be a finite number, got {settings[name]}",
                                      param_hint=f"--{name.replace('_', '-').replace('prior-g', 'g')}")
-    options["rerank_twins"] = ("no_rerank_twins",)
     return {name: value for name, value in settings.items() if given(*options.get(name, (name,)))}
 
 

@@ -266,7 +266,6 @@ def test_best_of_k_asks_about_each_prompts_twins(pipe):
     best = pipe.generate(prompts, seed=0, image_candidates=4, **FAST)
     twinned = pipe.generate(prompts, seed=0, image_candidates=4, rerank_twins=rules, **FAST)
     assert twinned.info["settings"]["rerank_twins"] == rules
-    text = pipe.encode_text(prompts)[0]
     assert torch.equal(best.base[1], twinned.base[1])  # no twins: the same pick
     with pytest.raises(ValueError, match="unknown twin rules"):
         pipe("a red circle", rerank_twins={"mirrors": []})

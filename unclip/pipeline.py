@@ -16,6 +16,7 @@ from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
+from torch.nn.utils.rnn import pad_sequence
 from PIL import Image
 
 from decoder.config import noise_schedule
@@ -494,14 +495,10 @@ class UnCLIPPipeline:
         m = max(map(len, twins))
         if m == 0:
             return None
-        emb = ranker.encode_text([t for group in twins for t in group])[0]
-        out = emb.new_zeros(len(prompts), m, emb.shape[-1])
-        mask = torch.zeros(len(prompts), m, dtype=torch.bool, device=emb.device)
-        start = 0
-        for i, group in enumerate(twins):
-            out[i, :len(group)], mask[i, :len(group)] = emb[start:start + len(group)], True
-            start += len(group)
-        return out, mask, ranker.logit_scale
+        sizes = [len(group) for group in twins]
+        emb = ranker.encode_text([t for group in twins for t in group])[0].split(sizes)
+        mask = torch.arange(m, device=emb[0].device) < torch.tensor(sizes, device=emb[0].device)[:, None]
+        return pad_sequence(emb, batch_first=True), mask, ranker.logit_scale
 
     def _noise(self, shape: tuple, batch: int, seeds, generator, stage: str) -> torch.Tensor:
         """[B, *shape] unit Gaussian noise on the CPU: per-image seeds make image i independent of the batch."""
