@@ -336,17 +336,9 @@ class UnCLIPPipeline:
                                   latents=noise.to(self.device),
                                   prior_free=prior_free, progress=self.progress)["images"].float()
             if k > 1:
-                text_emb, judged, twins = text[0].to(self.device) if text is not None else None, None, None
-                ranker = self.judge if self.judge is not None and prompts is not None else self.clip
-                if ranker is self.judge and settings.rerank != "image":
-                    judged = self.judge.encode_image(base).view(b, k, -1)
-                    text_emb = self.judge.encode_text(list(prompts))[0]
-                if settings.rerank_twins and prompts is not None and settings.rerank != "image":
-                    twins = self._twins(list(prompts), settings.rerank_twins, ranker)
-                score = rerank_scores(self.clip.encode_image(base).view(b, k, -1),
-                                      None if prior_free else image_emb.to(self.device),  # prior-free: zeros
-                                      text_emb, settings.rerank, text_candidates=judged, twins=twins)
-                kept = score.argmax(dim=1).cpu()
+                scores = self._rank(base.view(b, k, *base.shape[1:]), None if prior_free else image_emb, text,
+                                    prompts, settings)  # prior-free: no image term (its embeddings are zeros)
+                kept = scores.argmax(dim=1).cpu()
                 best = kept + torch.arange(b) * k                                      # [b] rows of the keepers
                 base, noise = base[best.to(base.device)], noise[best]
                 if own:
@@ -487,6 +479,23 @@ class UnCLIPPipeline:
         out = self.decode(image_emb, None, settings, seeds, generator, latents)
         out.info = {"settings": settings}
         return out
+
+    def _rank(self, candidates: torch.Tensor, image_emb: torch.Tensor | None, text, prompts, settings) -> torch.Tensor:
+        """`rerank_scores` [B, k] of decoded candidates [B, k, 3, S, S]: the CLIP's image term, and the text term from
+        the judge where the model has one and the prompts are given (else from the CLIP and `text`), with the
+        prompts' twins where the settings name rules."""
+        b, k = candidates.shape[:2]
+        flat = candidates.flatten(0, 1)
+        text_emb, judged, twins = text[0].to(self.device) if text is not None else None, None, None
+        ranker = self.judge if self.judge is not None and prompts is not None else self.clip
+        if ranker is self.judge and settings.rerank != "image":
+            judged = self.judge.encode_image(flat).view(b, k, -1)
+            text_emb = self.judge.encode_text(list(prompts))[0]
+        if settings.rerank_twins and prompts is not None and settings.rerank != "image":
+            twins = self._twins(list(prompts), settings.rerank_twins, ranker)
+        return rerank_scores(self.clip.encode_image(flat).view(b, k, -1),
+                             image_emb.to(self.device) if image_emb is not None else None,
+                             text_emb, settings.rerank, text_candidates=judged, twins=twins)
 
     def _twins(self, prompts: list[str], rules: dict, ranker: ClipEncoder):
         """Each prompt's twins (`caption_twins`) in the ranker's text space: (embeddings [B, m, D], mask [B, m],
