@@ -28,7 +28,7 @@ from prior.sample import sample_prior
 
 from .checkpoint import read_model_index, write_model_index
 from .clip import ClipEncoder
-from .clip_training import caption_twins
+from .captions import caption_twins
 from .images import load_image, pil_to_tensor, tensor_to_pil
 from .interpolation import mix, slerp, text_diff
 from .hub import DEFAULT_MODEL, resolve_model
@@ -73,7 +73,7 @@ class SamplingSettings:
     # groups each), and the judge kept a right one 0.63 of the time instead of 0.57; docs/MODELS.md, "A judge for
     # best of 4" (scripts/rerank_study.py --own-priors)
     share_prior: bool = False
-    # word rules ("swaps", "reorders", "exchanges"; unclip.clip_training.caption_twins) that make each prompt's
+    # word rules ("swaps", "reorders", "exchanges"; unclip.captions.caption_twins) that make each prompt's
     # hard-negative twins: the text term of best-of-k then adds log p(prompt | candidate) among the prompt and its
     # twins, at the ranking CLIP's own logit scale and divided by it. The shapes model gives its judge's training
     # negatives: relations kept at best of 8 went 0.61 -> 0.69 on captions naming a held-out colour-shape pair and
@@ -559,11 +559,12 @@ def rerank_scores(candidates: torch.Tensor, image_emb: torch.Tensor | None, text
         target = F.normalize(target.float(), dim=-1)
         return (F.normalize(features.float(), dim=-1) * (target[:, None] if target.dim() == 2 else target)).sum(-1)
 
-    score = sum(cosine(*given[name]) for name in names)
+    cosines = {name: cosine(*given[name]) for name in names}                                   # [B, k] each
+    score = sum(cosines.values())
     if twins is not None and "text" in names:
         twin_emb, mask, scale = twins
         features = F.normalize(given["text"][0].float(), dim=-1)                             # [B, k, D']
-        own = cosine(*given["text"])[..., None]                                              # [B, k, 1]
+        own = cosines["text"][..., None]                                                     # [B, k, 1]
         other = torch.einsum("bkd,bmd->bkm", features, F.normalize(twin_emb.float(), dim=-1))
         other = other.masked_fill(~mask[:, None], float("-inf"))
         scale = float(scale)
