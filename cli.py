@@ -82,6 +82,8 @@ def train_options(fn):
                      help="Peak learning rate (AdamW)."),
         click.option("--warmup", type=click.IntRange(min=0), default=200, show_default=True,
                      help="Linear warm-up steps."),
+        click.option("--lr-schedule", type=click.Choice(["constant", "cosine"]), default="constant",
+                     show_default=True, help="After the warm-up: constant, or cosine down to 10% at the last step."),
         click.option("--grad-clip", type=click.FloatRange(min=0), default=1.0, show_default=True,
                      help="Max gradient norm (0 disables)."),
         click.option("--ema", "ema_decay", type=click.FloatRange(0, 1), default=0.999, show_default=True,
@@ -114,7 +116,8 @@ def make_train_config(kw: dict, **extra):
     from unclip.training import TrainConfig
 
     names = dict(steps="steps", batch_size="batch_size", grad_accum="grad_accum", lr="lr", warmup="warmup_steps",
-                 grad_clip="grad_clip", ema_decay="ema_decay", cpu="cpu", checkpoint_every="checkpoint_every",
+                 lr_schedule="lr_schedule", grad_clip="grad_clip", ema_decay="ema_decay", cpu="cpu",
+                 checkpoint_every="checkpoint_every",
                  workers="num_workers", seed="seed")
     values = {field: kw.pop(option) for option, field in names.items()}
     precision = kw.pop("precision")
@@ -130,7 +133,7 @@ def data():
 
 @main.group()
 def train():
-    """Train a component: clip, prior, decoder, upsampler."""
+    """Train a component: clip, prior, decoder, upsampler, verifier; or a whole model from a recipe."""
 
 
 @train.result_callback()
@@ -270,6 +273,44 @@ def train_clip_cmd(data, out, preset, heldout, negative_swaps, mirror_swaps, neg
                          component="judge" if judge else "clip")
     summary = ", ".join(f"{k} {v:.3f}" for k, v in metrics.items())
     echo_main(f"wrote {out}/{'judge' if judge else 'clip'}" + (f" (held-out {summary})" if summary else ""))
+@train.command("verifier")
+@click.option("--data", type=click.Path(exists=True, file_okay=False), required=True,
+              help="Folder of image/caption pairs (with .json scene records, the shapes world's pictures also come "
+                   "corrupted as negatives).")
+@click.option("--model", "model_dir", type=click.Path(exists=True, file_okay=False), required=True,
+              help="Model folder with judge/ (or clip/); writes MODEL/verifier.")
+@click.option("--substitute", "classes", multiple=True, metavar="WORD,WORD,...",
+              help="A class of interchangeable words or phrases: each caption's one-word substitutions within it are "
+                   "negatives (repeat: --substitute red,green,blue --substitute 'above,below,to the left of').")
+@click.option("--oversample", "oversample", multiple=True, metavar="REGEX=N",
+              help="See the pairs whose caption matches REGEX N times as often (repeatable).")
+@click.option("--width", type=click.IntRange(min=8), default=128, show_default=True, help="Head width.")
+@click.option("--depth", type=click.IntRange(min=1), default=2, show_default=True, help="Head transformer layers.")
+@train_options
+@friendly_errors
+def train_verifier_cmd(data, model_dir, classes, oversample, width, depth, resume, run_dir, quiet, **kw):
+    """Train the best-of-k verifier: a joint head on the model's judge that tells a picture's caption from its
+    hard negatives (the model's rerank_twins and --substitute classes).
+
+    \b
+    unclip train verifier --data runs/shapes/data/train --model runs/shapes/model --steps 4000 \\
+        --substitute red,green,blue,yellow,purple,orange --substitute two,three
+    """
+    from unclip.checkpoint import read_model_index
+    from unclip.verifier import VerifierConfig, train_verifier
+
+    groups = [[w.strip() for w in c.split(",")] for c in classes]
+    bad = [c for c, g in zip(classes, groups) if len(set(g)) < 2 or not all(g)]
+    if bad:
+        raise click.BadParameter(f"{bad[0]!r}: give two or more different words joined by commas",
+                                 param_hint="--substitute")
+    rules = read_model_index(model_dir).get("sampling", {}).get("rerank_twins") or {}
+    metrics = train_verifier(data, model_dir, make_train_config(kw, eval_every=kw["checkpoint_every"]), rules,
+                             groups, config=VerifierConfig(width=width, depth=depth), run_dir=run_dir,
+                             resume=resume, progress=not quiet,
+                             oversample=[_oversample_option(o) for o in oversample])
+    summary = ", ".join(f"{k} {v:.3f}" for k, v in metrics.items())
+    echo_main(f"wrote {model_dir}/verifier" + (f" ({summary})" if summary else ""))
 # CLIP-COMMANDS-END
 
 # ---------------------------------------------------------------- prior commands
@@ -587,6 +628,9 @@ def sampling_options(fn):
         click.option("--no-rerank-twins", is_flag=True,
                      help="Rank --image-candidates by the prompt alone, not also against its twins (the model's "
                           "rerank_twins: the prompt with a colour, shape or relation exchanged; shapes has them)."),
+        click.option("--verify-weight", type=click.FloatRange(min=0), default=0.0,
+                     help="Weight of the model's verifier (verifier/) in ranking --image-candidates; 0 turns it off "
+                          "[default: the model's own (shapes: see its model_index.json), else 0]."),
         # Output
         click.option("-o", "--out", "out", type=click.Path(), default="outputs", show_default=True,
                      help="A .png file for one image, or a folder that receives 0000.png, 0001.png, ..."),
@@ -634,7 +678,7 @@ def pop_settings(kw: dict) -> dict:
     settings.update(prior_guidance=kw.pop("guidance_prior"), decoder_guidance=kw.pop("guidance_decoder"),
                     decoder_guidance_interval=kw.pop("guidance_interval_decoder"),
                     dynamic_threshold=kw.pop("dynamic_threshold"), image_candidates=kw.pop("image_candidates"),
-                    rerank=kw.pop("rerank"), share_prior=kw.pop("share_prior"))
+                    rerank=kw.pop("rerank"), share_prior=kw.pop("share_prior"), verify_weight=kw.pop("verify_weight"))
     if kw.pop("no_rerank_twins"):
         settings["rerank_twins"] = {}
     options.update(prior_guidance=("guidance_prior",), decoder_guidance=("guidance_decoder",),
@@ -886,9 +930,11 @@ def info(model):
               help="Decode all candidates from one prior sample (as in `unclip generate`).")
 @click.option("--no-rerank-twins", is_flag=True, default=None,
               help="Rank the candidates by the prompt alone, not also against its twins (as in `unclip generate`).")
+@click.option("--verify-weight", type=click.FloatRange(min=0), default=None,
+              help="Weight of the model's verifier in the ranking (as in `unclip generate`).")
 @friendly_errors
 def eval_model(model, test, train_data, n, seed, json_out, markdown, name, grid, image_candidates, rerank,
-               share_prior, no_rerank_twins):
+               share_prior, no_rerank_twins, verify_weight):
     """Quality report: prior cosines, CLIP R-precision, FD in CLIP space, shapes oracle.
 
     \b
@@ -900,7 +946,7 @@ def eval_model(model, test, train_data, n, seed, json_out, markdown, name, grid,
     from unclip.eval.report import evaluate_model, markdown as to_markdown, update_markdown
 
     given = {"image_candidates": image_candidates, "rerank": rerank, "share_prior": share_prior or None,
-             "rerank_twins": {} if no_rerank_twins else None}
+             "rerank_twins": {} if no_rerank_twins else None, "verify_weight": verify_weight}
     settings = {key: value for key, value in given.items() if value is not None}
     report = evaluate_model(model, test, train_data, n=n, seed=seed, grid=grid, **settings)
     if json_out:

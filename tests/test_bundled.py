@@ -106,3 +106,27 @@ def test_generate_uses_the_default_model_without_model_option(tmp_path):
     assert result.exit_code == 0, result.output
     assert json.loads(Image.open(out).text["unclip"])["model"] == DEFAULT_MODEL
     assert Image.open(out).size == (64, 64)
+
+
+def test_the_shapes_verifier_rejects_wrong_counts_and_corrupted_scenes():
+    """The bundled shapes model's verifier (a head on its judge) ranks its candidates at the recipe's weight; on
+    rendered scenes it prefers the caption to the same caption with the other number (measured 59 of 60), and the
+    scene to its corrupted re-rendering (`corrupt_scene`: 80 of 80)."""
+    from unclip.captions import swap_words
+    from unclip.data.shapes import ALL_PAIRS, DEFAULT_HELD_OUT, corrupt_scene
+
+    pipe = UnCLIPPipeline.from_pretrained("shapes")
+    assert pipe.verifier is not None and pipe.verifier.judge is pipe.judge and pipe.settings().verify_weight == 10
+    rng = np.random.default_rng(3)
+    allowed = [p for p in ALL_PAIRS if p not in DEFAULT_HELD_OUT]
+    counts = [sample_scene(rng, "count", allowed) for _ in range(60)]
+    pictures = pil_to_tensor([render_scene(s) for s in counts], 32)
+    right = pipe.verifier.score(pictures, [caption(s) for s in counts])
+    wrong = pipe.verifier.score(pictures, [swap_words(caption(s), [("two", "three")]) for s in counts])
+    assert (right > wrong).float().mean() >= 0.9
+    scenes = [sample_scene(rng, kind, allowed) for kind in ("single", "placed", "relation", "count") for _ in range(20)]
+    corrupted = [corrupt_scene(s, rng, allowed) for s in scenes]
+    captions = [caption(s) for s in scenes]
+    real = pipe.verifier.score(pil_to_tensor([render_scene(s) for s in scenes], 32), captions)
+    fake = pipe.verifier.score(pil_to_tensor([render_scene(s) for s in corrupted], 32), captions)
+    assert (real > fake).float().mean() >= 0.9

@@ -18,7 +18,9 @@ RECIPE = {
     "data": {"builder": "shapes", "n": 80, "seed": 0},
     "clip": {"preset": "tiny-32", "heldout": 0.1, "negative_swaps": [["left", "right"]], "train": TINY_TRAIN,
              "finetune": {"train": {**TINY_TRAIN, "lr_schedule": "cosine"}, "negative_reorders": ["to the left of"]},
-             "judge": {"train": TINY_TRAIN, "negative_exchanges": [["red", "green", "blue"]]}},
+             "judge": {"train": TINY_TRAIN, "negative_exchanges": [["red", "green", "blue"]]},
+             "verifier": {"train": TINY_TRAIN, "config": {"width": 16, "depth": 1, "heads": 2},
+                          "classes": [["two", "three"]], "oversample": [[" above ", 2]]}},
     "embeddings": {},
     "prior": {"preset": "tiny", "train": TINY_TRAIN},
     "decoder": {"preset": "tiny", "config": {"block_out_channels": [32, 32], "attention_levels": [False, True],
@@ -51,7 +53,7 @@ def test_recipe_runs_every_stage_resumes_and_reports(tiny_run, tmp_path):
     export = run / "export"
     index = json.loads((export / "model_index.json").read_text())
     assert index["components"] == {"clip": "clip", "judge": "clip", "prior": "prior", "decoder": "decoder",
-                                   "upsampler_64": "upsampler"}
+                                   "upsampler_64": "upsampler", "verifier": "verifier"}
     # the recipe's sampling defaults travel with the model
     assert index["sampling"] == {"image_candidates": 2, "rerank_twins": {"exchanges": [["red", "green", "blue"]]}}
     finetune = json.loads((run / "runs" / "decoder-finetune" / "train_config.json").read_text())
@@ -70,6 +72,10 @@ def test_recipe_runs_every_stage_resumes_and_reports(tiny_run, tmp_path):
     assert judge["init_from"] == str(run / "model" / "clip") and judge["component"] == "judge"
     assert judge["negative_exchanges"] == [["red", "green", "blue"]]
     assert judge["negative_reorders"] == ["to the left of"]  # the finetune phase's, kept
+    verifier = json.loads((run / "runs" / "verifier" / "train_config.json").read_text())
+    assert verifier["judge"] == str(run / "model" / "judge") and verifier["classes"] == [["two", "three"]]
+    assert verifier["rules"] == {"exchanges": [["red", "green", "blue"]]}  # the export's rerank_twins
+    assert verifier["oversample"][0][:2] == [" above ", 2]
     again = runner.invoke(cli.main, ["train", "recipe", str(path), "--out", str(run), "--quiet"])
     assert again.exit_code == 0 and " ..." not in again.output  # every stage is done: nothing re-runs
 
@@ -148,6 +154,14 @@ def test_recipe_validation(tmp_path):
                              ({"finetune": [{"stepz": 2}]}, "unknown config keys"),
                              ({"finetune": "long"}, "list of them")]:
         bad.write_text(json.dumps({"name": "x", "decoder": decoder}))
+        with pytest.raises(ValueError, match=message):
+            load_recipe(bad)
+    for verifier, message in [({"classes": []}, 'own "train" settings'),
+                              ({"train": {}, "clases": []}, "unknown keys"),
+                              ({"train": {}, "classes": [["red"]]}, "two or more different words"),
+                              ({"train": {}, "config": {"widht": 8}}, "unknown config keys"),
+                              ({"train": {}, "oversample": [["above", 0]]}, "whole number")]:
+        bad.write_text(json.dumps({"name": "x", "clip": {"verifier": verifier}}))
         with pytest.raises(ValueError, match=message):
             load_recipe(bad)
     bad.write_text(json.dumps({"name": "x", "export": {"sampling": {"image_candidatez": 4}}}))

@@ -62,3 +62,42 @@ def caption_twins(caption: str, rules: dict) -> list[str]:
         twins.append(reorder_caption(caption, rules["reorders"]))
     twins += [exchange_words(caption, [group]) for group in rules.get("exchanges", [])]
     return [t for t in dict.fromkeys(twins) if t != caption]
+
+
+def substitute_words(caption: str, classes: Sequence[Sequence[str]]) -> list[str]:
+    """Every caption made by replacing one word or phrase of a class with another of the same class ("a red circle"
+    -> "a blue circle", "two ..." -> "three ...", "... above ..." -> "... below ..."), articles agreeing; distinct,
+    without the caption itself. Phrases ("to the left of") are matched as whole words."""
+    padded, out = f" {caption} ", []
+    for group in classes:
+        for old in group:
+            start = padded.find(f" {old} ")
+            if start < 0:
+                continue
+            for new in group:
+                if new == old:
+                    continue
+                words = (padded[:start] + f" {new} " + padded[start + len(old) + 2:]).split()
+                i = len(padded[:start].split())  # the new phrase's first word
+                if i > 0 and words[i - 1] in ("a", "an"):
+                    words[i - 1] = "an" if words[i][0] in "aeiou" else "a"
+                out.append(" ".join(words))
+    return [c for c in dict.fromkeys(out) if c != caption]
+
+
+def word_pairs(captions: Sequence[str]) -> set[tuple[str, str]]:
+    """The adjacent word pairs of the captions (what `caption_negatives` keeps a negative within)."""
+    return {(a, b) for c in captions for words in [c.split()] for a, b in zip(words, words[1:])}
+
+
+def caption_negatives(caption: str, rules: dict, classes: Sequence[Sequence[str]] = (),
+                      seen: set[tuple[str, str]] | None = None) -> list[str]:
+    """Hard negatives for a caption: its twins (`caption_twins` under `rules`) and its one-word substitutions
+    (`substitute_words` over `classes`). With `seen` (`word_pairs` of the training captions), only negatives whose
+    adjacent word pairs all occur there: a model that meets a colour-shape pair its data holds out only as a
+    negative learns to reject it (docs/MODELS.md, "A judge that never sees a held-out pair as a negative")."""
+    found = [c for c in dict.fromkeys(caption_twins(caption, rules) + substitute_words(caption, classes))
+             if c != caption]
+    if seen is not None:
+        found = [c for c in found if all(pair in seen for pair in zip(c.split(), c.split()[1:]))]
+    return found

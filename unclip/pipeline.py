@@ -35,6 +35,7 @@ from .hub import DEFAULT_MODEL, resolve_model
 from .sampling import denoise, guided
 from .precision import native_bf16
 from .schedulers import make_scheduler, scheduler_names
+from .verifier import Verifier
 
 RERANK = ("image", "text", "both")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -79,6 +80,10 @@ class SamplingSettings:
     # negatives: relations kept at best of 8 went 0.61 -> 0.69 on captions naming a held-out colour-shape pair and
     # 0.90 -> 0.88 on the rest (docs/MODELS.md, "Asking the judge about the twins"). None or {}: the cosine alone
     rerank_twins: dict | None = None
+    # where the model has a verifier (verifier/, a joint head on its judge's tokens, unclip.verifier), best-of-k adds
+    # verify_weight x log sigmoid(its logit) to each candidate's score; 0 turns it off. Set by the model's own
+    # sampling defaults (docs/MODELS.md, "A verifier for best of 8")
+    verify_weight: float = 0.0
 
     def __post_init__(self):
         for name in ("prior_sampler", "decoder_sampler", "upsampler_sampler"):
@@ -86,7 +91,8 @@ class SamplingSettings:
         for name in ("prior_steps", "decoder_steps", "upsampler_steps", "candidates", "image_candidates"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name.replace('_', ' ')} must be at least 1, got {getattr(self, name)}")
-        for name in ("prior_guidance", "decoder_guidance", "text_guidance", "eta", "dynamic_threshold", "aug_level"):
+        for name in ("prior_guidance", "decoder_guidance", "text_guidance", "eta", "dynamic_threshold", "aug_level",
+                     "verify_weight"):
             value = getattr(self, name)
             if value is not None and not torch.isfinite(torch.tensor(float(value))):
                 raise ValueError(f"{name.replace('_', ' ')} must be a finite number, got {value}")
@@ -126,9 +132,12 @@ class UnCLIPPipeline:
 
     def __init__(self, clip: ClipEncoder, prior: DiffusionPrior | None, decoder: Decoder,
                  upsamplers: Sequence[Upsampler] = (), model_id: str = "", sampling: dict | None = None,
-                 judge: ClipEncoder | None = None):
+                 judge: ClipEncoder | None = None, verifier: Verifier | None = None):
         self.clip, self.prior, self.decoder = clip.eval(), prior.eval() if prior else None, decoder.eval()
         self.judge = judge.eval() if judge is not None else None  # a second CLIP that best-of-k asks about the prompt
+        if verifier is not None and verifier.judge is not (judge or clip):
+            raise ValueError("a verifier reads the model's judge (or its CLIP where it has none); load it onto that")
+        self.verifier = verifier.eval() if verifier is not None else None  # a joint head on the judge's tokens
         self.upsamplers = sorted(upsamplers, key=lambda u: u.config.image_size)
         self.model_id = model_id
         sampling_settings(sampling or {})     # bad defaults fail here, not at the first image
@@ -165,9 +174,12 @@ class UnCLIPPipeline:
         except ValueError as error:
             raise ValueError(f'{folder / "model_index.json"}, "sampling": {error}') from None
         judge = ClipEncoder.load(folder / "judge") if components.get("judge") == "clip" else None
-        return cls(ClipEncoder.load(folder / "clip"), prior, Decoder.load(folder / "decoder"), ups,
+        clip = ClipEncoder.load(folder / "clip")
+        verifier = Verifier.load(folder / "verifier", judge or clip) if components.get("verifier") == "verifier" \
+            else None
+        return cls(clip, prior, Decoder.load(folder / "decoder"), ups,
                    model_id=str(path_or_name) if path_or_name is not None else DEFAULT_MODEL,
-                   sampling=index.get("sampling"), judge=judge)
+                   sampling=index.get("sampling"), judge=judge, verifier=verifier)
 
     def save_pretrained(self, path: str | os.PathLike, dtype: torch.dtype | None = None) -> None:
         """Write every component folder and model_index.json (weights as safetensors, optionally fp16)."""
@@ -177,11 +189,14 @@ class UnCLIPPipeline:
             self.prior.save(path / "prior", dtype=dtype)
         if self.judge is not None:
             self.judge.save(path / "judge", dtype=dtype)
+        if self.verifier is not None:
+            self.verifier.save(path / "verifier", dtype=dtype)
         self.decoder.save(path / "decoder", dtype=dtype)
         for up in self.upsamplers:
             up.save(path / f"upsampler_{up.config.image_size}", dtype=dtype)
         components = {"clip": "clip", "decoder": "decoder", **({"prior": "prior"} if self.prior else {}),
                       **({"judge": "clip"} if self.judge is not None else {}),
+                      **({"verifier": "verifier"} if self.verifier is not None else {}),
                       **{f"upsampler_{u.config.image_size}": "upsampler" for u in self.upsamplers}}
         write_model_index(path, components, clip=dataclasses.asdict(self.clip.config) | {"vision": {}, "text": {}},
                           **({"sampling": self.sampling} if self.sampling else {}))
@@ -237,7 +252,8 @@ class UnCLIPPipeline:
         return sampling_settings({**self.sampling, **given})
 
     def modules(self) -> list[torch.nn.Module]:
-        return [m for m in (self.clip, self.prior, self.decoder, *self.upsamplers, self.judge) if m is not None]
+        return [m for m in (self.clip, self.prior, self.decoder, *self.upsamplers, self.judge, self.verifier)
+                if m is not None]
 
     def set_progress_bar_config(self, disable: bool = False) -> None:
         self.progress = not disable
@@ -483,7 +499,8 @@ class UnCLIPPipeline:
     def _rank(self, candidates: torch.Tensor, image_emb: torch.Tensor | None, text, prompts, settings) -> torch.Tensor:
         """`rerank_scores` [B, k] of decoded candidates [B, k, 3, S, S]: the CLIP's image term, and the text term from
         the judge where the model has one and the prompts are given (else from the CLIP and `text`), with the
-        prompts' twins where the settings name rules."""
+        prompts' twins where the settings name rules; plus verify_weight x log sigmoid of the verifier's logit where
+        the model has a verifier."""
         b, k = candidates.shape[:2]
         flat = candidates.flatten(0, 1)
         text_emb, judged, twins = text[0].to(self.device) if text is not None else None, None, None
@@ -493,9 +510,13 @@ class UnCLIPPipeline:
             text_emb = self.judge.encode_text(list(prompts))[0]
         if settings.rerank_twins and prompts is not None and settings.rerank != "image":
             twins = self._twins(list(prompts), settings.rerank_twins, ranker)
-        return rerank_scores(self.clip.encode_image(flat).view(b, k, -1),
-                             image_emb.to(self.device) if image_emb is not None else None,
-                             text_emb, settings.rerank, text_candidates=judged, twins=twins)
+        scores = rerank_scores(self.clip.encode_image(flat).view(b, k, -1),
+                               image_emb.to(self.device) if image_emb is not None else None,
+                               text_emb, settings.rerank, text_candidates=judged, twins=twins)
+        if self.verifier is not None and prompts is not None and settings.rerank != "image" and settings.verify_weight:
+            logits = self.verifier.score(flat, [p for p in prompts for _ in range(k)]).view(b, k)
+            scores = scores + settings.verify_weight * F.logsigmoid(logits)
+        return scores
 
     def _twins(self, prompts: list[str], rules: dict, ranker: ClipEncoder):
         """Each prompt's twins (`caption_twins`) in the ranker's text space: (embeddings [B, m, D], mask [B, m],

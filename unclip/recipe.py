@@ -24,7 +24,7 @@ from .training import TrainConfig
 STAGES = ("data", "clip", "embeddings", "prior", "decoder", "upsampler", "export")
 # a clip finetune or judge phase may override them
 CLIP_OPTIONS = ("negative_swaps", "mirror_swaps", "negative_reorders", "negative_exchanges")
-SECTION_KEYS = {"clip": {"preset", "heldout", *CLIP_OPTIONS, "train", "finetune", "judge"}, "embeddings": {"options"},
+SECTION_KEYS = {"clip": {"preset", "heldout", *CLIP_OPTIONS, "train", "finetune", "judge", "verifier"}, "embeddings": {"options"},
                 "prior": {"preset", "train"},
                 "decoder": {"preset", "config", "train", "oversample", "finetune"}, "upsampler": {"size", "preset", "config", "train"},
                 "export": {"path", "bundle", "sampling"}}  # the "data" section passes its keys to the builder
@@ -57,6 +57,8 @@ def load_recipe(path: str | os.PathLike) -> dict:
                     for phase in ("finetune", "judge"):
                         if phase in section:
                             _check_clip_phase(section[phase], phase)
+                    if "verifier" in section:
+                        _check_verifier(section["verifier"])
             if stage == "decoder" and section is not None:
                 decoder_preset(section.get("preset", "tiny"), **section.get("config", {}))
             if stage == "upsampler" and section is not None:
@@ -153,6 +155,29 @@ def _check_clip_phase(phase, name: str) -> None:
     config_from_dict(TrainConfig, phase["train"])
 
 
+VERIFIER_KEYS = {"train", "config", "classes", "rules", "oversample"}
+
+
+def _check_verifier(section) -> None:
+    """The clip "verifier" phase: {"train": {...}, "config": {...VerifierConfig...}, "classes": [[word, ...], ...],
+    "rules": {...twin rules...} (default: the export's sampling rerank_twins), "oversample": [[regex, times], ...]}."""
+    from .captions import caption_twins
+    from .verifier import VerifierConfig
+    if not isinstance(section, dict) or "train" not in section:
+        raise ValueError('"verifier" must be an object with its own "train" settings')
+    unknown = sorted(set(section) - VERIFIER_KEYS)
+    if unknown:
+        raise ValueError(f"unknown keys {unknown} in clip verifier (known: {', '.join(sorted(VERIFIER_KEYS))})")
+    config_from_dict(TrainConfig, section["train"])
+    config_from_dict(VerifierConfig, section.get("config", {}))
+    classes = section.get("classes", [])
+    if not isinstance(classes, list) or not all(isinstance(c, list) and len(set(c)) >= 2 for c in classes):
+        raise ValueError('verifier "classes" is a list of word classes, each two or more different words')
+    caption_twins("", section.get("rules", {}))
+    from decoder.training import check_oversample
+    check_oversample(section.get("oversample", []))
+
+
 def _clip(recipe: dict, out: Path, progress: bool) -> dict:
     from .clip_training import train_clip
     section, data = recipe["clip"], _train_data(recipe, out)
@@ -171,6 +196,14 @@ def _clip(recipe: dict, out: Path, progress: bool) -> dict:
                             run_dir=out / "runs" / f"clip-{name}", init_from=out / "model" / "clip",
                             component=component, **common, **options)
         metrics = result if component == "clip" else {**metrics, "judge": result}
+    verifier = section.get("verifier")
+    if verifier:  # a joint head on the judge's tokens (on the CLIP's where there is no judge), for best-of-k
+        from .verifier import VerifierConfig, train_verifier
+        rules = verifier.get("rules", recipe.get("export", {}).get("sampling", {}).get("rerank_twins") or {})
+        metrics["verifier"] = train_verifier(
+            data, out / "model", config_from_dict(TrainConfig, verifier["train"]), rules, verifier.get("classes", []),
+            config=config_from_dict(VerifierConfig, verifier.get("config", {})), run_dir=out / "runs" / "verifier",
+            resume=True, progress=progress, oversample=[tuple(o) for o in verifier.get("oversample", [])])
     return metrics
 
 

@@ -346,3 +346,106 @@ def build_shapes(out_dir: str | Path, n: int, seed: int, test_fraction: float = 
             "counts": {name: _counts(scenes) for name, scenes in splits.items()}}
     write_json(out_dir / "split.json", info)
     return info
+
+
+# ---------------------------------------------------------------- corrupted scenes (image-side hard negatives)
+
+CORRUPTIONS: dict[str, tuple[str, ...]] = {
+    "single": ("recolor", "reshape", "resize", "extra"),
+    "placed": ("recolor", "reshape", "move", "move", "extra"),
+    # geometry twice: the ways a decoder gets a relation wrong most often (docs/MODELS.md)
+    "relation": ("recolor", "reshape", "exchange_color", "exchange_shape", "close", "close", "off_axis", "off_axis",
+                 "reverse", "drop"),
+    "count": ("recolor", "reshape", "extra_same", "extra", "drop"),
+}
+
+
+def corrupt_scene(scene: Scene, rng: np.random.Generator, allowed_pairs: Sequence[tuple[str, str]],
+                  tries: int = 8) -> Scene | None:
+    """The scene changed so that its caption no longer holds, or None where no change was found in `tries`.
+
+    One change, drawn from `CORRUPTIONS[scene.kind]`: an object recoloured or reshaped, the two objects' colours or
+    shapes exchanged, the second object moved too close to the first (touching or overlapping) or too far off the
+    named axis, the two swapped, an object dropped or one added, a placed object moved off its half, a single
+    object resized. New objects and new colour-shape combinations use only `allowed_pairs`, so a model trained on
+    them never sees a pair its training data holds out. The pictures the verifier learns to reject (unclip.verifier).
+    """
+    allowed = [tuple(p) for p in allowed_pairs]
+    for _ in range(tries):
+        changed = _corrupt_once(scene, rng, allowed, _choice(rng, CORRUPTIONS[scene.kind]))
+        if changed is not None:
+            return changed
+    return None
+
+
+def _fits(obj: ShapeObject) -> bool:
+    x0, y0, x1, y1 = obj.bbox
+    return x0 >= 0 and y0 >= 0 and x1 <= IMAGE_SIZE and y1 <= IMAGE_SIZE
+
+
+def _corrupt_once(scene: Scene, rng: np.random.Generator, allowed: list, how: str) -> Scene | None:
+    objs = [dataclasses.replace(o) for o in scene.objects]
+    replace = dataclasses.replace
+    i = int(rng.integers(len(objs)))
+    if how in ("recolor", "reshape"):
+        o = objs[i]
+        keep = 1 if how == "recolor" else 0  # the shape stays when recolouring, the colour when reshaping
+        used = {(x.color, x.shape) for x in objs}
+        options = [p for p in allowed if p[keep] == (o.color, o.shape)[keep] and p not in used]
+        if not options:
+            return None
+        color, shape = _choice(rng, options)
+        objs[i] = replace(o, color=color, shape=shape)
+    elif how in ("exchange_color", "exchange_shape"):
+        a, b = objs
+        field_ = "color" if how == "exchange_color" else "shape"
+        a2, b2 = replace(a, **{field_: getattr(b, field_)}), replace(b, **{field_: getattr(a, field_)})
+        if getattr(a, field_) == getattr(b, field_) or {(a2.color, a2.shape), (b2.color, b2.shape)} - set(allowed):
+            return None
+        objs = [a2, b2]
+    elif how == "reverse":
+        a, b = objs
+        objs = [replace(a, cx=b.cx, cy=b.cy), replace(b, cx=a.cx, cy=a.cy)]
+    elif how in ("close", "off_axis"):
+        a, b = objs
+        axis, sign = RELATIONS[scene.position]
+        if how == "close":  # under half the generator's least distance: no reading of the caption holds
+            along, across = rng.uniform(-2, RELATION_MIN / 2), rng.uniform(0, 4)
+        else:               # further across than along
+            along = rng.uniform(RELATION_MIN / 2, 24)
+            across = along * rng.uniform(1.2, 2.0)
+        centre = [a.cx, a.cy]
+        centre[axis] -= sign * along                      # b on the far side of a, as the relation wants ...
+        centre[1 - axis] += (1 if rng.random() < 0.5 else -1) * across  # ... but too close or too far across
+        b2 = replace(b, cx=float(round(centre[0])), cy=float(round(centre[1])))
+        objs = [a, b2]
+    elif how == "drop":
+        if len(objs) < 2:
+            return None
+        del objs[i]
+    elif how in ("extra", "extra_same"):
+        first = (objs[0].color, objs[0].shape)
+        if how == "extra_same" and len(objs) >= max(NUMBERS.values()):
+            return None
+        pair = first if how == "extra_same" else _choice(rng, [p for p in allowed if p != first] or [first])
+        size = objs[0].size if how == "extra_same" else _choice(rng, SIZE_NAMES)
+        for _ in range(100):
+            new = _random_object(rng, pair, size)
+            if not any(_overlaps(new, o) for o in objs):
+                objs.append(new)
+                break
+        else:
+            return None
+    elif how == "move":
+        moved = _random_object(rng, (objs[0].color, objs[0].shape), objs[0].size)
+        axis, sign = PLACES[scene.position]
+        if sign * ((moved.cx, moved.cy)[axis] - IMAGE_SIZE / 2) > 0:  # on the named half, however little
+            return None
+        objs = [moved]
+    elif how == "resize":
+        objs = [replace(objs[0], size="small" if objs[0].size == "large" else "large")]
+    else:
+        raise ValueError(f"unknown corruption {how!r}")
+    if not all(_fits(o) for o in objs):
+        return None
+    return Scene(scene.kind, objs, scene.position)
