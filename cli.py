@@ -273,6 +273,8 @@ def train_clip_cmd(data, out, preset, heldout, negative_swaps, mirror_swaps, neg
                          component="judge" if judge else "clip")
     summary = ", ".join(f"{k} {v:.3f}" for k, v in metrics.items())
     echo_main(f"wrote {out}/{'judge' if judge else 'clip'}" + (f" (held-out {summary})" if summary else ""))
+
+
 @train.command("verifier")
 @click.option("--data", type=click.Path(exists=True, file_okay=False), required=True,
               help="Folder of image/caption pairs (with .json scene records, the shapes world's pictures also come "
@@ -311,6 +313,8 @@ def train_verifier_cmd(data, model_dir, classes, oversample, width, depth, resum
                              oversample=[_oversample_option(o) for o in oversample])
     summary = ", ".join(f"{k} {v:.3f}" for k, v in metrics.items())
     echo_main(f"wrote {model_dir}/verifier" + (f" ({summary})" if summary else ""))
+
+
 # CLIP-COMMANDS-END
 
 # ---------------------------------------------------------------- prior commands

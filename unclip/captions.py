@@ -41,10 +41,15 @@ def exchange_words(caption: str, classes: Sequence[Sequence[str]], pick: int = 0
         return caption
     a, b = usable[pick % len(usable)]
     words[a], words[b] = words[b], words[a]
-    for i in (a, b):  # the article agrees with its new word ("a red" <-> "an orange"), or the twin gives itself away
-        if i > 0 and words[i - 1] in ("a", "an"):
-            words[i - 1] = "an" if words[i][0] in "aeiou" else "a"
+    for i in (a, b):
+        _agree_article(words, i)
     return " ".join(words)
+
+
+def _agree_article(words: list[str], i: int) -> None:
+    """Make the article before words[i] agree with it ("a red" <-> "an orange"), or a twin gives itself away."""
+    if i > 0 and words[i - 1] in ("a", "an"):
+        words[i - 1] = "an" if words[i][0] in "aeiou" else "a"
 
 
 TWIN_RULES = ("swaps", "reorders", "exchanges")
@@ -78,9 +83,7 @@ def substitute_words(caption: str, classes: Sequence[Sequence[str]]) -> list[str
                 if new == old:
                     continue
                 words = (padded[:start] + f" {new} " + padded[start + len(old) + 2:]).split()
-                i = len(padded[:start].split())  # the new phrase's first word
-                if i > 0 and words[i - 1] in ("a", "an"):
-                    words[i - 1] = "an" if words[i][0] in "aeiou" else "a"
+                _agree_article(words, len(padded[:start].split()))  # at the new phrase's first word
                 out.append(" ".join(words))
     return [c for c in dict.fromkeys(out) if c != caption]
 
@@ -99,5 +102,5 @@ def caption_negatives(caption: str, rules: dict, classes: Sequence[Sequence[str]
     found = [c for c in dict.fromkeys(caption_twins(caption, rules) + substitute_words(caption, classes))
              if c != caption]
     if seen is not None:
-        found = [c for c in found if all(pair in seen for pair in zip(c.split(), c.split()[1:]))]
+        found = [c for c in found if word_pairs([c]) <= seen]
     return found
