@@ -288,9 +288,18 @@ def train_clip_cmd(data, out, preset, heldout, negative_swaps, mirror_swaps, neg
               help="See the pairs whose caption matches REGEX N times as often (repeatable).")
 @click.option("--width", type=click.IntRange(min=8), default=128, show_default=True, help="Head width.")
 @click.option("--depth", type=click.IntRange(min=1), default=2, show_default=True, help="Head transformer layers.")
+@click.option("--parser", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Channels of a scene parser (a small CNN at full resolution) beside the judge's patch tokens; "
+                   "0: none.")
+@click.option("--patch-drop", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True,
+              help="With --parser: the share of training pictures read without the judge's patch tokens, so that "
+                   "the head learns to read the parser.")
+@click.option("--init-from", type=click.Path(exists=True, file_okay=False), default=None,
+              help="A verifier folder to start from (one without a parser gains one that starts switched off).")
 @train_options
 @friendly_errors
-def train_verifier_cmd(data, model_dir, classes, oversample, width, depth, resume, run_dir, quiet, **kw):
+def train_verifier_cmd(data, model_dir, classes, oversample, width, depth, parser, patch_drop, init_from, resume,
+                       run_dir, quiet, **kw):
     """Train the best-of-k verifier: a joint head on the model's judge that tells a picture's caption from its
     hard negatives (the model's rerank_twins and --substitute classes).
 
@@ -307,10 +316,10 @@ def train_verifier_cmd(data, model_dir, classes, oversample, width, depth, resum
         raise click.BadParameter(f"{bad[0]!r}: give two or more different words joined by commas",
                                  param_hint="--substitute")
     rules = read_model_index(model_dir).get("sampling", {}).get("rerank_twins") or {}
+    config = VerifierConfig(width=width, depth=depth, parser=parser, patch_drop=patch_drop)
     metrics = train_verifier(data, model_dir, make_train_config(kw, eval_every=kw["checkpoint_every"]), rules,
-                             groups, config=VerifierConfig(width=width, depth=depth), run_dir=run_dir,
-                             resume=resume, progress=not quiet,
-                             oversample=[_oversample_option(o) for o in oversample])
+                             groups, config=config, run_dir=run_dir, resume=resume, progress=not quiet,
+                             oversample=[_oversample_option(o) for o in oversample], init_from=init_from)
     summary = ", ".join(f"{k} {v:.3f}" for k, v in metrics.items())
     echo_main(f"wrote {model_dir}/verifier" + (f" ({summary})" if summary else ""))
 

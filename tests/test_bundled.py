@@ -109,11 +109,13 @@ def test_generate_uses_the_default_model_without_model_option(tmp_path):
 
 
 def test_the_shapes_verifier_rejects_wrong_counts_and_corrupted_scenes():
-    """The bundled shapes model's verifier (a head on its judge) ranks its candidates at the recipe's weight; on
-    rendered scenes it prefers the caption to the same caption with the other number (measured 59 of 60), and the
-    scene to its corrupted re-rendering (`corrupt_scene`: 80 of 80)."""
+    """The bundled shapes model's verifier (a head on its judge, with a scene parser) ranks its candidates at the
+    recipe's weight; on rendered scenes it prefers the caption to the same caption with the other number (measured
+    58 of 60), and the scene to its corrupted re-rendering (`corrupt_scene`: 80 of 80), and its parser reads
+    the object cells' colours and shapes (0.999 of the object cells)."""
     from unclip.captions import swap_words
-    from unclip.data.shapes import ALL_PAIRS, DEFAULT_HELD_OUT, corrupt_scene
+    from unclip.data.shapes import ALL_PAIRS, DEFAULT_HELD_OUT, corrupt_scene, scene_labels
+    from unclip.verifier import parser_loss
 
     pipe = UnCLIPPipeline.from_pretrained("shapes")
     assert pipe.verifier is not None and pipe.verifier.judge is pipe.judge and pipe.settings().verify_weight == 10
@@ -127,6 +129,12 @@ def test_the_shapes_verifier_rejects_wrong_counts_and_corrupted_scenes():
     scenes = [sample_scene(rng, kind, allowed) for kind in ("single", "placed", "relation", "count") for _ in range(20)]
     corrupted = [corrupt_scene(s, rng, allowed) for s in scenes]
     captions = [caption(s) for s in scenes]
-    real = pipe.verifier.score(pil_to_tensor([render_scene(s) for s in scenes], 32), captions)
+    pictures = pil_to_tensor([render_scene(s) for s in scenes], 32)
+    real = pipe.verifier.score(pictures, captions)
     fake = pipe.verifier.score(pil_to_tensor([render_scene(s) for s in corrupted], 32), captions)
     assert (real > fake).float().mean() >= 0.9
+    # its scene parser names the colour and the shape of the scenes' object cells
+    with torch.no_grad():
+        _, info = parser_loss(pipe.verifier.parser(pictures, pipe.verifier.grid)[1],
+                              torch.stack([torch.from_numpy(scene_labels(s, 16)) for s in scenes]))
+    assert info["parser_color_acc"] >= 0.95 and info["parser_shape_acc"] >= 0.95

@@ -20,7 +20,8 @@ RECIPE = {
              "finetune": {"train": {**TINY_TRAIN, "lr_schedule": "cosine"}, "negative_reorders": ["to the left of"]},
              "judge": {"train": TINY_TRAIN, "negative_exchanges": [["red", "green", "blue"]]},
              "verifier": {"train": TINY_TRAIN, "config": {"width": 16, "depth": 1, "heads": 2},
-                          "classes": [["two", "three"]], "oversample": [[" above ", 2]]}},
+                          "classes": [["two", "three"]], "oversample": [[" above ", 2]],
+                          "finetune": {"train": TINY_TRAIN, "config": {"parser": 8}}}},
     "embeddings": {},
     "prior": {"preset": "tiny", "train": TINY_TRAIN},
     "decoder": {"preset": "tiny", "config": {"block_out_channels": [32, 32], "attention_levels": [False, True],
@@ -76,6 +77,10 @@ def test_recipe_runs_every_stage_resumes_and_reports(tiny_run, tmp_path):
     assert verifier["judge"] == str(run / "model" / "judge") and verifier["classes"] == [["two", "three"]]
     assert verifier["rules"] == {"exchanges": [["red", "green", "blue"]]}  # the export's rerank_twins
     assert verifier["oversample"][0][:2] == [" above ", 2]
+    finetune = json.loads((run / "runs" / "verifier-finetune" / "train_config.json").read_text())
+    assert finetune["init_from"] == str(run / "model" / "verifier") and finetune["verifier"]["parser"] == 8
+    assert finetune["verifier"]["width"] == 16 and finetune["oversample"][0][:2] == [" above ", 2]  # kept
+    assert json.loads((run / "model" / "verifier" / "config.json").read_text())["parser"] == 8
     again = runner.invoke(cli.main, ["train", "recipe", str(path), "--out", str(run), "--quiet"])
     assert again.exit_code == 0 and " ..." not in again.output  # every stage is done: nothing re-runs
 
@@ -160,7 +165,10 @@ def test_recipe_validation(tmp_path):
                               ({"train": {}, "clases": []}, "unknown keys"),
                               ({"train": {}, "classes": [["red"]]}, "two or more different words"),
                               ({"train": {}, "config": {"widht": 8}}, "unknown config keys"),
-                              ({"train": {}, "oversample": [["above", 0]]}, "whole number")]:
+                              ({"train": {}, "oversample": [["above", 0]]}, "whole number"),
+                              ({"train": {}, "finetune": {"config": {}}}, '"finetune" must be an object'),
+                              ({"train": {}, "finetune": {"train": {}, "config": {"parsr": 8}}}, "unknown config"),
+                              ({"train": {}, "finetune": {"train": {}, "seed": 1}}, "unknown keys")]:
         bad.write_text(json.dumps({"name": "x", "clip": {"verifier": verifier}}))
         with pytest.raises(ValueError, match=message):
             load_recipe(bad)

@@ -11,11 +11,11 @@ from click.testing import CliRunner
 import cli
 from conftest import make_tiny_pipeline
 from unclip.captions import caption_negatives, substitute_words, word_pairs
-from unclip.data.shapes import (ALL_PAIRS, DEFAULT_HELD_OUT, KINDS, build_shapes, corrupt_scene, parse_caption,
-                                render_scene, sample_scene, scene_pairs)
+from unclip.data.shapes import (ALL_PAIRS, DEFAULT_HELD_OUT, KINDS, PALETTE, SHAPES, build_shapes, corrupt_scene,
+                                parse_caption, render_scene, sample_scene, scene_labels, scene_pairs)
 from unclip.eval.shapes import check, detect_objects
 from unclip.pipeline import UnCLIPPipeline
-from unclip.verifier import Verifier, VerifierConfig, augment
+from unclip.verifier import Verifier, VerifierConfig, augment, parser_loss
 
 
 def test_substitutions_replace_one_word_or_phrase_and_keep_the_articles_right():
@@ -82,6 +82,49 @@ def test_verifier_saves_the_head_only_and_loads_onto_its_judge(tiny_clip, tmp_pa
         verifier.score(images, prompts[:2])
 
 
+def test_scene_labels_name_each_cells_colour_and_shape_and_peak_at_the_centres():
+    rng = np.random.default_rng(3)
+    for kind in KINDS:
+        scene = sample_scene(rng, kind)
+        labels = scene_labels(scene, 16)
+        assert labels.shape == (3, 16, 16)
+        pixels = np.asarray(render_scene(scene))[2::4, 2::4]          # the pixel at each cell's centre
+        colors = [(255, 255, 255), *PALETTE.values()]
+        assert (np.array(colors)[labels[0].astype(int)] == pixels).all()
+        assert ((labels[1] > 0) == (labels[0] > 0)).all()
+        for obj in scene.objects:                                       # each object's cells carry its shape
+            cell = labels[1][int(obj.cy) // 4, int(obj.cx) // 4]
+            assert obj.shape == "triangle" or cell == 1 + SHAPES.index(obj.shape)
+            assert labels[2][int(obj.cy) // 4, int(obj.cx) // 4] > 0.5
+        assert labels[2].max() <= 1 and (labels[2] < 0.05).mean() > 0.5
+
+
+def test_a_parser_joins_a_trained_head_switched_off_and_learns_the_cells(tiny_clip, tmp_path):
+    plain = Verifier(VerifierConfig(width=16, depth=1, heads=2), tiny_clip).eval()
+    plain.save(tmp_path / "plain")
+    images = torch.rand(3, 3, 16, 16) * 2 - 1
+    prompts = ["a red circle", "two blue squares", "a red circle above a blue square"]
+    parsed = Verifier(VerifierConfig(width=16, depth=1, heads=2, parser=16), tiny_clip)
+    parsed.warm_start(tmp_path / "plain")
+    assert torch.allclose(parsed.eval().score(images, prompts), plain.score(images, prompts), atol=1e-6)
+    with pytest.raises(ValueError, match="width/depth/heads"):
+        Verifier(VerifierConfig(width=32, depth=1, heads=2, parser=16), tiny_clip).warm_start(tmp_path / "plain")
+    # the dense loss alone teaches it each object cell's colour and shape (on these 32 scenes)
+    rng = np.random.default_rng(0)
+    scenes = [sample_scene(rng, KINDS[i % 4]) for i in range(32)]
+    from unclip.images import pil_to_tensor
+    pixels = torch.cat([pil_to_tensor([render_scene(s) for s in scenes], 16), torch.rand(1, 3, 16, 16) * 2 - 1])
+    targets = torch.stack([torch.from_numpy(scene_labels(s, 8)) for s in scenes])
+    unknown = torch.full_like(targets[:1], -1.0)
+    optimizer = torch.optim.Adam(parsed.parser.parameters(), lr=3e-3)
+    for step in range(150):
+        loss, info = parser_loss(parsed.parser(pixels, 4)[1], torch.cat([targets, unknown]))  # one row unknown
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert info["parser_color_acc"] > 0.8 and info["parser_shape_acc"] > 0.8
+
+
 @pytest.fixture(scope="module")
 def shapes_pairs(tmp_path_factory):
     path = tmp_path_factory.mktemp("verifier-data")
@@ -107,6 +150,14 @@ def test_train_verifier_writes_a_component_the_pipeline_loads_and_uses(shapes_pa
     assert pipe.verifier is not None and pipe.verifier.judge is pipe.clip   # no judge/: it reads the CLIP
     pipe.save_pretrained(tmp_path / "again", dtype=torch.float16)
     assert UnCLIPPipeline.from_pretrained(tmp_path / "again").verifier is not None
+    # on from it with a scene parser: the shapes pictures' scenes train it too
+    result = CliRunner().invoke(cli.main, [
+        "train", "verifier", "--data", str(shapes_pairs), "--model", str(model), "--steps", "2", "--batch-size", "8",
+        "--warmup", "1", "--checkpoint-every", "2", "--width", "16", "--depth", "1", "--quiet", "--parser", "8",
+        "--init-from", str(tmp_path / "again" / "verifier"), "--run-dir", str(tmp_path / "parser-run")])
+    assert result.exit_code == 0, result.output
+    assert "parser_color_acc" in result.output
+    assert UnCLIPPipeline.from_pretrained(model).verifier.parser is not None
 
 
 def test_bad_substitute_class_is_a_one_line_error(shapes_pairs, tmp_path):

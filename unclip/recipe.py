@@ -155,12 +155,15 @@ def _check_clip_phase(phase, name: str) -> None:
     config_from_dict(TrainConfig, phase["train"])
 
 
-VERIFIER_KEYS = {"train", "config", "classes", "rules", "oversample"}
+VERIFIER_KEYS = {"train", "config", "classes", "rules", "oversample", "finetune"}
+VERIFIER_FINETUNE_KEYS = {"train", "config", "oversample"}
 
 
 def _check_verifier(section) -> None:
     """The clip "verifier" phase: {"train": {...}, "config": {...VerifierConfig...}, "classes": [[word, ...], ...],
-    "rules": {...twin rules...} (default: the export's sampling rerank_twins), "oversample": [[regex, times], ...]}."""
+    "rules": {...twin rules...} (default: the export's sampling rerank_twins), "oversample": [[regex, times], ...],
+    "finetune": {"train": {...}, "config": {...}, "oversample": [...]}}; the finetune phase goes on from the
+    verifier so far with its own schedule, its config keys replacing the phase's (a "parser" joins there)."""
     from .captions import caption_twins
     from .verifier import VerifierConfig
     if not isinstance(section, dict) or "train" not in section:
@@ -176,6 +179,17 @@ def _check_verifier(section) -> None:
     caption_twins("", section.get("rules", {}))
     from decoder.training import check_oversample
     check_oversample(section.get("oversample", []))
+    finetune = section.get("finetune")
+    if finetune is not None:
+        if not isinstance(finetune, dict) or "train" not in finetune:
+            raise ValueError('verifier "finetune" must be an object with its own "train" settings')
+        unknown = sorted(set(finetune) - VERIFIER_FINETUNE_KEYS)
+        if unknown:
+            raise ValueError(f"unknown keys {unknown} in clip verifier finetune "
+                             f"(known: {', '.join(sorted(VERIFIER_FINETUNE_KEYS))})")
+        config_from_dict(TrainConfig, finetune["train"])
+        config_from_dict(VerifierConfig, {**section.get("config", {}), **finetune.get("config", {})})
+        check_oversample(finetune.get("oversample", []))
 
 
 def _clip(recipe: dict, out: Path, progress: bool) -> dict:
@@ -200,10 +214,16 @@ def _clip(recipe: dict, out: Path, progress: bool) -> dict:
     if verifier:  # a joint head on the judge's tokens (on the CLIP's where there is no judge), for best-of-k
         from .verifier import VerifierConfig, train_verifier
         rules = verifier.get("rules", recipe.get("export", {}).get("sampling", {}).get("rerank_twins") or {})
-        metrics["verifier"] = train_verifier(
-            data, out / "model", config_from_dict(TrainConfig, verifier["train"]), rules, verifier.get("classes", []),
-            config=config_from_dict(VerifierConfig, verifier.get("config", {})), run_dir=out / "runs" / "verifier",
-            resume=True, progress=progress, oversample=[tuple(o) for o in verifier.get("oversample", [])])
+        phases = [("verifier", verifier, {}, None)]
+        if verifier.get("finetune"):  # on from the first phase's export, e.g. with a scene parser joining
+            phases.append(("verifier-finetune", verifier["finetune"], verifier.get("config", {}),
+                           out / "model" / "verifier"))
+        for name, phase, base, init_from in phases:
+            metrics["verifier"] = train_verifier(
+                data, out / "model", config_from_dict(TrainConfig, phase["train"]), rules, verifier.get("classes", []),
+                config=config_from_dict(VerifierConfig, {**base, **phase.get("config", {})}),
+                run_dir=out / "runs" / name, resume=True, progress=progress, init_from=init_from,
+                oversample=[tuple(o) for o in phase.get("oversample", verifier.get("oversample", []))])
     return metrics
 
 

@@ -198,6 +198,33 @@ def render_scene(scene: Scene) -> Image.Image:
     return Image.fromarray(canvas, "RGB")
 
 
+# per-cell targets of a scene: colour (background + the palette), shape (background + the shapes), centre nearness
+DENSE_OUTPUTS = (1 + len(PALETTE), 1 + len(SHAPES), 1)
+
+
+def scene_labels(scene: Scene, cells: int, sigma: float = 4.0) -> np.ndarray:
+    """A scene's per-cell targets on a cells x cells grid over the 64 px picture, [3, cells, cells] float32: the
+    colour index (0 background, 1 + the palette's order) and shape index (0 background, 1 + `SHAPES`' order) of
+    the pixel at each cell's centre, and exp(-d^2 / 2 sigma^2) for the distance d (in 64 px pixels) from the cell
+    centre to the nearest object's centre. What the verifier's scene parser learns to read (unclip.verifier)."""
+    color = np.zeros((IMAGE_SIZE, IMAGE_SIZE), np.float32)
+    shape = np.zeros_like(color)
+    colors = list(PALETTE)
+    for obj in scene.objects:
+        x0, y0, x1, y1 = obj.bbox
+        x0c, y0c, x1c, y1c = max(x0, 0), max(y0, 0), min(x1, IMAGE_SIZE), min(y1, IMAGE_SIZE)
+        mask = MASKS[obj.shape, x1 - x0][y0c - y0:y1c - y0, x0c - x0:x1c - x0]
+        color[y0c:y1c, x0c:x1c][mask] = 1 + colors.index(obj.color)
+        shape[y0c:y1c, x0c:x1c][mask] = 1 + SHAPES.index(obj.shape)
+    centres = (np.arange(cells) + 0.5) * IMAGE_SIZE / cells
+    pick = np.minimum(centres.astype(int), IMAGE_SIZE - 1)
+    heat = np.zeros((cells, cells), np.float32)
+    for obj in scene.objects:
+        d2 = (centres[None, :] - obj.cx) ** 2 + (centres[:, None] - obj.cy) ** 2
+        heat = np.maximum(heat, np.exp(-d2 / (2 * sigma ** 2)))
+    return np.stack([color[np.ix_(pick, pick)], shape[np.ix_(pick, pick)], heat])
+
+
 # ---------------------------------------------------------------- sampling
 
 def _check_pairs(pairs: Iterable[Sequence[str]], what: str) -> list[tuple[str, str]]:
