@@ -158,6 +158,7 @@ def test_train_verifier_writes_a_component_the_pipeline_loads_and_uses(shapes_pa
     assert result.exit_code == 0, result.output
     assert "parser_color_acc" in result.output
     assert UnCLIPPipeline.from_pretrained(model).verifier.parser is not None
+    assert "parser=8" in CliRunner().invoke(cli.main, ["info", str(model)]).output
 
 
 def test_bad_substitute_class_is_a_one_line_error(shapes_pairs, tmp_path):

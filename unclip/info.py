@@ -64,6 +64,7 @@ def describe(model: str | os.PathLike | None) -> str:
         lines.append(f"  {name} [{kind}]: {size}")
         keys = [k for k in ("image_size", "low_res_size", "embed_dim", "width", "depth", "block_out_channels",
                             "prediction_type", "text_drop_prob", "image_drop_prob") if k in config]
+        keys += ["parser"] if config.get("parser") else []  # a verifier's scene parser (channels)
         if keys:
             lines.append("    " + ", ".join(f"{k}={json.dumps(config[k])}" for k in keys))
         if (sub / SCHEDULER_NAME).is_file():
