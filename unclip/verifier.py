@@ -206,9 +206,11 @@ class VerifierPairs(torch.utils.data.Dataset):
     """Each training pair with one negative caption and, where the pair's .json records a shapes scene, one
     corrupted re-rendering; pictures augmented towards decoder samples (blur, a pale background tint, noise)."""
 
-    def __init__(self, dataset, judge: ClipEncoder, rules: dict, classes: Sequence[Sequence[str]], seed: int = 0):
+    def __init__(self, dataset, judge: ClipEncoder, rules: dict, classes: Sequence[Sequence[str]], seed: int = 0,
+                 dense: bool = False):
         from .data.shapes import Scene
         self.dataset, self.judge, self.rules, self.classes, self.seed = dataset, judge, rules, classes, seed
+        self.dense = dense  # with the scene parser's targets (`scene_labels`)
         self.captions = list(dataset.captions)
         self.seen = word_pairs(self.captions)
         self.scenes = {}
@@ -239,10 +241,12 @@ class VerifierPairs(torch.utils.data.Dataset):
         if bad is not None:
             neg_pixels, has_neg = pil_to_tensor(render_scene(bad), pixels.shape[-1])[0], True
         tokens = self.judge.tokenize([caption, negative], warn=False)
-        cells = pixels.shape[-1] // 2
-        return {"pixels": augment(pixels, rng), "neg_pixels": augment(neg_pixels, rng), "has_neg": has_neg,
-                "tokens": tokens[0], "neg_tokens": tokens[1],
-                "dense": _dense_targets(scene, cells), "neg_dense": _dense_targets(bad, cells)}
+        pair = {"pixels": augment(pixels, rng), "neg_pixels": augment(neg_pixels, rng), "has_neg": has_neg,
+                "tokens": tokens[0], "neg_tokens": tokens[1]}
+        if self.dense:
+            cells = pixels.shape[-1] // 2
+            pair.update(dense=_dense_targets(scene, cells), neg_dense=_dense_targets(bad, cells))
+        return pair
 
 
 def _dense_targets(scene, cells: int) -> torch.Tensor:
@@ -344,7 +348,7 @@ def train_verifier(data: str | os.PathLike, out: str | os.PathLike, train_config
     if not hasattr(dataset, "captions"):
         raise ValueError(f"train verifier reads a folder of image/caption pairs, not webdataset shards ({data})")
     check_oversample(oversample)
-    pairs = VerifierPairs(dataset, judge, rules, classes, seed=train_config.seed)
+    pairs = VerifierPairs(dataset, judge, rules, classes, seed=train_config.seed, dense=model.parser is not None)
     train_pairs, repeats = pairs, []
     if oversample:
         rows, repeats = oversample_rows(torch.arange(len(pairs)), pairs.captions, [tuple(o) for o in oversample])

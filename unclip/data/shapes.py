@@ -186,15 +186,19 @@ def _make_masks() -> dict[tuple[str, int], np.ndarray]:
 MASKS = _make_masks()
 
 
+def _paint(canvas: np.ndarray, obj: ShapeObject, value) -> None:
+    """Set the object's pixels of a 64x64(xC) canvas to value; ValueError where it does not fit."""
+    x0, y0, x1, y1 = obj.bbox
+    if x0 < 0 or y0 < 0 or x1 > IMAGE_SIZE or y1 > IMAGE_SIZE:
+        raise ValueError(f"object {obj} does not fit in the {IMAGE_SIZE}x{IMAGE_SIZE} image")
+    canvas[y0:y1, x0:x1][MASKS[obj.shape, x1 - x0]] = value
+
+
 def render_scene(scene: Scene) -> Image.Image:
     """Draw a scene as a 64x64 RGB PIL image with crisp palette colours on white."""
     canvas = np.full((IMAGE_SIZE, IMAGE_SIZE, 3), 255, np.uint8)
     for obj in scene.objects:
-        x0, y0, x1, y1 = obj.bbox
-        if x0 < 0 or y0 < 0 or x1 > IMAGE_SIZE or y1 > IMAGE_SIZE:
-            raise ValueError(f"object {obj} does not fit in the {IMAGE_SIZE}x{IMAGE_SIZE} image")
-        mask = MASKS[obj.shape, x1 - x0]
-        canvas[y0:y1, x0:x1][mask] = PALETTE[obj.color]
+        _paint(canvas, obj, PALETTE[obj.color])
     return Image.fromarray(canvas, "RGB")
 
 
@@ -211,11 +215,8 @@ def scene_labels(scene: Scene, cells: int, sigma: float = 4.0) -> np.ndarray:
     shape = np.zeros_like(color)
     colors = list(PALETTE)
     for obj in scene.objects:
-        x0, y0, x1, y1 = obj.bbox
-        x0c, y0c, x1c, y1c = max(x0, 0), max(y0, 0), min(x1, IMAGE_SIZE), min(y1, IMAGE_SIZE)
-        mask = MASKS[obj.shape, x1 - x0][y0c - y0:y1c - y0, x0c - x0:x1c - x0]
-        color[y0c:y1c, x0c:x1c][mask] = 1 + colors.index(obj.color)
-        shape[y0c:y1c, x0c:x1c][mask] = 1 + SHAPES.index(obj.shape)
+        _paint(color, obj, 1 + colors.index(obj.color))
+        _paint(shape, obj, 1 + SHAPES.index(obj.shape))
     centres = (np.arange(cells) + 0.5) * IMAGE_SIZE / cells
     pick = np.minimum(centres.astype(int), IMAGE_SIZE - 1)
     heat = np.zeros((cells, cells), np.float32)
