@@ -644,6 +644,9 @@ def sampling_options(fn):
         click.option("--verify-weight", type=click.FloatRange(min=0), default=0.0,
                      help="Weight of the model's verifier (verifier/) in ranking --image-candidates; 0 turns it off "
                           "[default: the model's own (shapes: see its model_index.json), else 0]."),
+        click.option("--prior-twin-guidance", type=click.FloatRange(min=0), default=0.0,
+                     help="Also guide each prior sample away from one of the prompt's twins, by this much; 0 turns "
+                          "it off [default: the model's own (shapes: see its model_index.json), else 0]."),
         # Output
         click.option("-o", "--out", "out", type=click.Path(), default="outputs", show_default=True,
                      help="A .png file for one image, or a folder that receives 0000.png, 0001.png, ..."),
@@ -691,7 +694,8 @@ def pop_settings(kw: dict) -> dict:
     settings.update(prior_guidance=kw.pop("guidance_prior"), decoder_guidance=kw.pop("guidance_decoder"),
                     decoder_guidance_interval=kw.pop("guidance_interval_decoder"),
                     dynamic_threshold=kw.pop("dynamic_threshold"), image_candidates=kw.pop("image_candidates"),
-                    rerank=kw.pop("rerank"), share_prior=kw.pop("share_prior"), verify_weight=kw.pop("verify_weight"))
+                    rerank=kw.pop("rerank"), share_prior=kw.pop("share_prior"), verify_weight=kw.pop("verify_weight"),
+                    prior_twin_guidance=kw.pop("prior_twin_guidance"))
     if kw.pop("no_rerank_twins"):
         settings["rerank_twins"] = {}
     options.update(prior_guidance=("guidance_prior",), decoder_guidance=("guidance_decoder",),
@@ -945,9 +949,11 @@ def info(model):
               help="Rank the candidates by the prompt alone, not also against its twins (as in `unclip generate`).")
 @click.option("--verify-weight", type=click.FloatRange(min=0), default=None,
               help="Weight of the model's verifier in the ranking (as in `unclip generate`).")
+@click.option("--prior-twin-guidance", type=click.FloatRange(min=0), default=None,
+              help="Guide each prior sample away from one of the prompt's twins (as in `unclip generate`).")
 @friendly_errors
 def eval_model(model, test, train_data, n, seed, json_out, markdown, name, grid, image_candidates, rerank,
-               share_prior, no_rerank_twins, verify_weight):
+               share_prior, no_rerank_twins, verify_weight, prior_twin_guidance):
     """Quality report: prior cosines, CLIP R-precision, FD in CLIP space, shapes oracle.
 
     \b
@@ -959,7 +965,8 @@ def eval_model(model, test, train_data, n, seed, json_out, markdown, name, grid,
     from unclip.eval.report import evaluate_model, markdown as to_markdown, update_markdown
 
     given = {"image_candidates": image_candidates, "rerank": rerank, "share_prior": share_prior or None,
-             "rerank_twins": {} if no_rerank_twins else None, "verify_weight": verify_weight}
+             "rerank_twins": {} if no_rerank_twins else None, "verify_weight": verify_weight,
+             "prior_twin_guidance": prior_twin_guidance}
     settings = {key: value for key, value in given.items() if value is not None}
     report = evaluate_model(model, test, train_data, n=n, seed=seed, grid=grid, **settings)
     if json_out:

@@ -30,13 +30,15 @@ def _negative(negative, batch: int, repeats: int) -> dict:
 @torch.inference_mode()
 def sample_prior(model, text_emb, text_tokens, mask, *, scheduler="ddim", num_steps: int = 25,
                  guidance_scale: float = 4.0, candidates: int = 2, generator=None, latents=None, negative=None,
-                 eta: float | None = None, progress: bool = True) -> dict:
+                 negative_scale: float | None = None, eta: float | None = None, progress: bool = True) -> dict:
     """Sample image_emb [B, D] (l2-normalised, like CLIP's image embeddings) for each prompt.
 
     Draws `candidates` embeddings per prompt in one batched loop and keeps the one with the higher cosine
-    to text_emb (DALL-E 2 sec. 2.1). `latents` [B, K, D] is the starting noise; `negative` replaces the
-    null condition in the unconditional CFG branch. Returns image_emb, latents [B, K, D], candidates
-    [B, K, D] (l2-normalised) and scores [B, K] (cosine to text_emb).
+    to text_emb (DALL-E 2 sec. 2.1). `latents` [B, K, D] is the starting noise; `negative` (one prompt, or one
+    per row) replaces the null condition in the unconditional CFG branch or, with `negative_scale` s, keeps it and
+    adds a push away from the negative: pred = p_null + guidance_scale * (p_text - p_null) + s * (p_text -
+    p_negative). A row whose negative is its own prompt is then guided as without one. Returns image_emb,
+    latents [B, K, D], candidates [B, K, D] (l2-normalised) and scores [B, K] (cosine to text_emb).
     """
     b, k, d = text_emb.shape[0], candidates, model.config.embed_dim
     if k < 1:
@@ -51,8 +53,16 @@ def sample_prior(model, text_emb, text_tokens, mask, *, scheduler="ddim", num_st
     if tuple(latents.shape) != (b, k, d):
         raise ValueError(f"latents must have shape [{b}, {k}, {d}], got {list(latents.shape)}")
     cond = _condition(text_emb, text_tokens, mask, k, drop=False)
-    uncond = _negative(negative, b, k) if negative is not None else _condition(text_emb, text_tokens, mask, k, True)
-    model_fn = guided(model, [uncond, cond], [guidance_scale])
+    null = _condition(text_emb, text_tokens, mask, k, True)
+    if negative is None:
+        model_fn = guided(model, [null, cond], [guidance_scale])
+    elif negative_scale is None:
+        model_fn = guided(model, [_negative(negative, b, k), cond], [guidance_scale])
+    else:  # p_null + g (p_negative - p_null) + (g + s)(p_text - p_negative)
+        if not negative_scale >= 0:
+            raise ValueError(f"negative_scale must be >= 0, got {negative_scale}")
+        model_fn = guided(model, [null, _negative(negative, b, k), cond],
+                          [guidance_scale, guidance_scale + negative_scale])
     x0 = denoise(model_fn, latents.reshape(b * k, d).float(), scheduler, num_steps, generator=generator,
                  eta=eta, progress=progress, desc="prior")                       # [B * K, D]
     embs = model.unscale_image(x0).view(b, k, d)                                 # [B, K, D]

@@ -99,6 +99,30 @@ def test_the_shapes_model_samples_as_its_recipe_says():
             assert caption_twins(caption(scene), pipe.settings().rerank_twins), caption(scene)
 
 
+def test_the_shapes_prior_is_guided_away_from_each_prompts_twins():
+    """The shapes model's prior samples are pushed away from the prompts' twins (prior_twin_guidance 1): each
+    sample's CLIP embedding leans further from its twin towards its prompt (measured: a margin of 0.48 against 0.29
+    unguided, 16 relation captions x 4 samples)."""
+    import dataclasses
+
+    import torch.nn.functional as F
+
+    pipe = UnCLIPPipeline.from_pretrained("shapes")
+    settings = pipe.settings()
+    assert settings.prior_twin_guidance == 1.0
+    rng = np.random.default_rng(4)
+    captions = [caption(sample_scene(rng, "relation")) for _ in range(16)]
+    text = pipe.encode_text(captions)[0].float().repeat_interleave(4, dim=0)
+    twins = pipe._twin_negatives(captions, settings.rerank_twins, per_prompt=4)[0].float()
+    margins = {}
+    for scale in (0.0, 1.0):
+        emb, _ = pipe.sample_image_emb(captions, dataclasses.replace(settings, prior_twin_guidance=scale),
+                                       seeds=list(range(16)), per_prompt=4)
+        emb = emb.flatten(0, 1)
+        margins[scale] = F.cosine_similarity(emb, text) - F.cosine_similarity(emb, twins)
+    assert margins[1.0].mean() > margins[0.0].mean() + 0.1 and (margins[1.0] > 0).all()
+
+
 def test_generate_uses_the_default_model_without_model_option(tmp_path):
     out = tmp_path / "apple.png"
     result = CliRunner().invoke(cli.main, ["generate", "a red apple", "-o", str(out), "--steps-prior", "2",

@@ -271,6 +271,30 @@ def test_best_of_k_asks_about_each_prompts_twins(pipe):
         pipe("a red circle", rerank_twins={"mirrors": []})
 
 
+def test_prior_twin_guidance_guides_each_sample_away_from_one_twin(pipe):
+    rules = {"swaps": [["left", "right"]], "exchanges": [["red", "blue"], ["circle", "square"]]}
+    prompts = ["a red circle above a blue square", "two blue squares"]
+    negative = pipe._twin_negatives(prompts, rules, per_prompt=3)  # sample j takes twin j mod their number
+    twins = caption_twins(prompts[0], rules)
+    want = [twins[0], twins[1 % len(twins)], twins[2 % len(twins)]] + ["two blue squares"] * 3  # none: itself
+    torch.testing.assert_close(negative[0], pipe.encode_text(want)[0])
+    assert pipe._twin_negatives(["two blue squares"], rules, per_prompt=2) is None
+    settings = pipe.settings(**FAST, rerank_twins=rules)
+    plain, _ = pipe.sample_image_emb(prompts, settings, seeds=[0, 1], per_prompt=3)
+    pushed, _ = pipe.sample_image_emb(prompts, dataclasses.replace(settings, prior_twin_guidance=2.0),
+                                      seeds=[0, 1], per_prompt=3)
+    assert not torch.allclose(pushed[0], plain[0], atol=1e-4)         # every sample of the prompt with twins moves
+    assert all(not torch.allclose(pushed[0, j], plain[0, j], atol=1e-4) for j in range(3))
+    torch.testing.assert_close(pushed[1], plain[1], atol=1e-5, rtol=1e-5)  # no twins: as without
+    with pytest.raises(ValueError, match="prior twin guidance"):
+        pipe.settings(prior_twin_guidance=-1.0)
+    # a given negative prompt replaces the twins
+    given = pipe.generate(prompts[0], seed=0, negative_prompt="a green circle", rerank_twins=rules, **FAST)
+    both = pipe.generate(prompts[0], seed=0, negative_prompt="a green circle", rerank_twins=rules,
+                         prior_twin_guidance=2.0, **FAST)
+    torch.testing.assert_close(given.image_emb, both.image_emb)
+
+
 def test_a_judge_clip_ranks_the_candidates_against_the_prompt(pipe, tmp_path):
     """A model folder with judge/ (a second CLIP): best-of-k's text term is the judge's image-text cosine; the
     judge loads, saves and moves with the model, and variations (no prompt) do not use it."""

@@ -186,6 +186,26 @@ def test_negative_prompt_changes_the_output(prior, text, tiny_clip):
         sample_prior(prior, *text, num_steps=3, negative=negative[0], progress=False)
 
 
+def test_negative_scale_adds_a_push_away_from_the_negative(prior, text, tiny_clip):
+    latents = torch.randn(3, 1, 16, generator=torch.Generator().manual_seed(2))
+    run = lambda **kw: sample_prior(prior, *text, num_steps=3, candidates=1, latents=latents,  # noqa: E731
+                                    progress=False, **kw)["image_emb"]
+    plain = run()
+    # a row whose negative is its own prompt is guided as without one; a scale of 0 changes nothing
+    torch.testing.assert_close(run(negative=text, negative_scale=2.0), plain, atol=1e-5, rtol=1e-5)
+    other = tiny_clip.encode_text(["a green triangle"] * 3)
+    torch.testing.assert_close(run(negative=other, negative_scale=0.0), plain, atol=1e-5, rtol=1e-5)
+    pushed, replaced = run(negative=other, negative_scale=2.0), run(negative=other)
+    assert not torch.allclose(pushed, plain, atol=1e-4) and not torch.allclose(pushed, replaced, atol=1e-4)
+    # per row: only the row with a different negative moves
+    mixed = tuple(torch.cat([o[:1], t[1:]]) for o, t in zip(other, text))
+    rows = run(negative=mixed, negative_scale=2.0)
+    torch.testing.assert_close(rows[1:], plain[1:], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(rows[:1], plain[:1], atol=1e-4)
+    with pytest.raises(ValueError, match="negative_scale"):
+        run(negative=other, negative_scale=-1.0)
+
+
 # ---------------------------------------------------------------- training
 
 

@@ -88,9 +88,11 @@ def test_recipe_runs_every_stage_resumes_and_reports(tiny_run, tmp_path):
     result = runner.invoke(cli.main, ["eval", "model", "--model", str(export), "--data",
                                       str(run / "data" / "test"), "--train-data",
                                       str(run / "data" / "train"), "--n", "4", "--markdown",
-                                      str(report_md), "--name", "tiny", "--grid", str(tmp_path / "grid.png")])
+                                      str(report_md), "--name", "tiny", "--grid", str(tmp_path / "grid.png"),
+                                      "--prior-twin-guidance", "0.5"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)
+    assert report["settings"] == {"prior_twin_guidance": 0.5}
     assert set(report["shapes"]) >= {"overall", "single", "placed", "relation", "count", "held_out"}
     assert 0 <= report["images"]["r_precision"]["top1"] <= 1 and report["images"]["fd_generated"] >= 0
     assert "## tiny" in report_md.read_text() and (tmp_path / "grid.png").is_file()

@@ -80,6 +80,11 @@ class SamplingSettings:
     # negatives: relations kept at best of 8 went 0.61 -> 0.69 on captions naming a held-out colour-shape pair and
     # 0.90 -> 0.88 on the rest (docs/MODELS.md, "Asking the judge about the twins"). None or {}: the cosine alone
     rerank_twins: dict | None = None
+    # with rerank_twins, the prior's guidance also pushes each sample away from one of its prompt's twins, the
+    # prompt's samples taking the twins in turn: + prior_twin_guidance x (p(prompt) - p(twin)). The shapes model's 1
+    # took relations from 0.70 to 0.79 at best of 8 over two 400-caption seeds; 2 overshoots and costs counts
+    # (docs/MODELS.md, "The prior against the twins"). 0: off; a given negative prompt replaces it
+    prior_twin_guidance: float = 0.0
     # where the model has a verifier (verifier/, a joint head on its judge's tokens, unclip.verifier), best-of-k adds
     # verify_weight x log sigmoid(its logit) to each candidate's score; 0 turns it off. Set by the model's own
     # sampling defaults (docs/MODELS.md, "A verifier for best of 8")
@@ -92,7 +97,7 @@ class SamplingSettings:
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name.replace('_', ' ')} must be at least 1, got {getattr(self, name)}")
         for name in ("prior_guidance", "decoder_guidance", "text_guidance", "eta", "dynamic_threshold", "aug_level",
-                     "verify_weight"):
+                     "verify_weight", "prior_twin_guidance"):
             value = getattr(self, name)
             if value is not None and not torch.isfinite(torch.tensor(float(value))):
                 raise ValueError(f"{name.replace('_', ' ')} must be a finite number, got {value}")
@@ -101,6 +106,8 @@ class SamplingSettings:
             raise ValueError(f"rerank must be one of {', '.join(RERANK)}, got {self.rerank!r}")
         if self.rerank_twins is not None:
             caption_twins("", self.rerank_twins)  # raises ValueError for unknown rules
+        if self.prior_twin_guidance < 0:
+            raise ValueError(f"prior twin guidance must be at least 0, got {self.prior_twin_guidance}")
         if self.dynamic_threshold is not None and not 0.5 < self.dynamic_threshold <= 1.0:
             raise ValueError(f"dynamic threshold is a percentile in (0.5, 1], got {self.dynamic_threshold}")
 
@@ -289,7 +296,9 @@ class UnCLIPPipeline:
         """The prior stage: prompts -> image_emb [B, D] (and the prior's initial latents [B, candidates, D]).
 
         per_prompt n > 1 draws n samples per prompt, each from `settings.candidates` of its own: image_emb
-        [B, n, D] and latents [B, n * candidates, D]. Sample 0 is the one per_prompt=1 draws."""
+        [B, n, D] and latents [B, n * candidates, D]. Sample 0 is the one per_prompt=1 draws. Without a negative
+        prompt, `settings.prior_twin_guidance` guides sample j of a prompt away from the prompt's twin j (mod their
+        number; `caption_twins` by `settings.rerank_twins`)."""
         if self.prior is None:
             raise ValueError("this model has no prior/ component: use prior_free=True or train one "
                              "with `unclip train prior`")
@@ -298,13 +307,19 @@ class UnCLIPPipeline:
         if latents is None:
             latents = self._noise((per_prompt * c, d), b, seeds, generator, "prior")
         negative = self.encode_text([negative_prompt]) if negative_prompt else None
+        negative_scale = None
+        if negative is None and settings.prior_twin_guidance and settings.rerank_twins and prompts is not None:
+            prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+            negative = self._twin_negatives(prompts, settings.rerank_twins, per_prompt)
+            negative_scale = settings.prior_twin_guidance
         if per_prompt > 1:
             text = tuple(t.repeat_interleave(per_prompt, dim=0) if t is not None else None for t in text)
         with torch.inference_mode(), self._autocast():
             out = sample_prior(self.prior, *text, scheduler=settings.prior_sampler, num_steps=settings.prior_steps,
                                guidance_scale=settings.prior_guidance, candidates=c,
                                latents=latents.reshape(b * per_prompt, c, d).to(self.device), negative=negative,
-                               eta=settings.eta, generator=_step_generators(seeds, generator, "prior", per_prompt * c),
+                               negative_scale=negative_scale, eta=settings.eta,
+                               generator=_step_generators(seeds, generator, "prior", per_prompt * c),
                                progress=self.progress)
         image_emb = out["image_emb"].float()
         return (image_emb.view(b, per_prompt, d) if per_prompt > 1 else image_emb), latents
@@ -529,6 +544,16 @@ class UnCLIPPipeline:
         emb = ranker.encode_text([t for group in twins for t in group])[0].split(sizes)
         mask = torch.arange(m, device=emb[0].device) < torch.tensor(sizes, device=emb[0].device)[:, None]
         return pad_sequence(emb, batch_first=True), mask, ranker.logit_scale
+
+    def _twin_negatives(self, prompts: list[str], rules: dict, per_prompt: int):
+        """The prior's negative per sample (`encode_text` of B * per_prompt prompts): sample j of a prompt gets its
+        twin j mod their number, or the prompt itself where it has none (which makes the push zero); None where no
+        prompt has a twin."""
+        twins = [caption_twins(p, rules) for p in prompts]
+        if not any(twins):
+            return None
+        return self.encode_text([group[j % len(group)] if group else p
+                                 for p, group in zip(prompts, twins) for j in range(per_prompt)])
 
     def _noise(self, shape: tuple, batch: int, seeds, generator, stage: str) -> torch.Tensor:
         """[B, *shape] unit Gaussian noise on the CPU: per-image seeds make image i independent of the batch."""
