@@ -951,13 +951,17 @@ def info(model):
               help="Weight of the model's verifier in the ranking (as in `unclip generate`).")
 @click.option("--prior-twin-guidance", type=click.FloatRange(min=0), default=None,
               help="Guide each prior sample away from one of the prompt's twins (as in `unclip generate`).")
+@click.option("--fresh", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Also score the shapes oracle on this many captions drawn afresh from the grammar, as the test "
+                   "split draws them but from their own random stream (shapes data only).")
 @friendly_errors
 def eval_model(model, test, train_data, n, seed, json_out, markdown, name, grid, image_candidates, rerank,
-               share_prior, no_rerank_twins, verify_weight, prior_twin_guidance):
+               share_prior, no_rerank_twins, verify_weight, prior_twin_guidance, fresh):
     """Quality report: prior cosines, CLIP R-precision, FD in CLIP space, shapes oracle.
 
     \b
     unclip eval model --model shapes --data data/shapes/test --train-data data/shapes/train --markdown docs/MODELS.md
+    unclip eval model --model shapes --data data/shapes/test --train-data data/shapes/train --fresh 400
     """
     import json
 
@@ -968,7 +972,7 @@ def eval_model(model, test, train_data, n, seed, json_out, markdown, name, grid,
              "rerank_twins": {} if no_rerank_twins else None, "verify_weight": verify_weight,
              "prior_twin_guidance": prior_twin_guidance}
     settings = {key: value for key, value in given.items() if value is not None}
-    report = evaluate_model(model, test, train_data, n=n, seed=seed, grid=grid, **settings)
+    report = evaluate_model(model, test, train_data, n=n, seed=seed, grid=grid, fresh=fresh, **settings)
     if json_out:
         write_json(json_out, report)
     if markdown:

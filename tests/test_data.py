@@ -15,7 +15,8 @@ from unclip.data import (DEFAULT_HELD_OUT, KINDS, PALETTE, ImageTextFolder, Scen
                          build_emoji, build_shapes, open_dataset, parse_caption, render_scene, sample_scene,
                          write_shards)
 from unclip.data.emoji import read_package
-from unclip.data.shapes import ALL_PAIRS, PLACE_MARGIN, RELATION_MIN, RELATIONS, _overlaps, scene_pairs
+from unclip.data.shapes import (ALL_PAIRS, PLACE_MARGIN, RELATION_MIN, RELATIONS, _overlaps, fresh_captions,
+                                scene_pairs)
 
 # ---------------------------------------------------------------- shapes world
 
@@ -111,6 +112,21 @@ def test_build_shapes_round_trip_and_split(tmp_path):
     with pytest.raises(ValueError, match="already holds files"):
         build_shapes(tmp_path / "s", 4, seed=0, progress=False)
 
+
+
+def test_fresh_captions_are_drawn_like_the_test_split_from_their_own_stream(tmp_path):
+    build_shapes(tmp_path / "s", 40, seed=3, test_fraction=0.5, progress=False)
+    test = ImageTextFolder(tmp_path / "s" / "test").captions
+    drawn = fresh_captions(20, seed=3)
+    assert drawn == fresh_captions(20, seed=3) and drawn != fresh_captions(20, seed=4)
+    assert drawn != test  # same seed, another stream than the test split's
+    requests = [parse_caption(c) for c in drawn]  # every one inside the grammar
+    assert [r.kind for r in requests] == [KINDS[(i // 2) % len(KINDS)] for i in range(20)]  # in turn, as the split
+    assert all(bool(r.pairs & set(DEFAULT_HELD_OUT)) for r in requests[::2])  # every second names a held-out pair
+    own = fresh_captions(6, 0, [("red", "square")])
+    assert all(parse_caption(c).pairs & {("red", "square")} for c in own[::2])
+    with pytest.raises(ValueError, match="colour"):
+        fresh_captions(4, 0, [("pink", "circle")])
 
 # ---------------------------------------------------------------- folder dataset
 

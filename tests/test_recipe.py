@@ -89,13 +89,24 @@ def test_recipe_runs_every_stage_resumes_and_reports(tiny_run, tmp_path):
                                       str(run / "data" / "test"), "--train-data",
                                       str(run / "data" / "train"), "--n", "4", "--markdown",
                                       str(report_md), "--name", "tiny", "--grid", str(tmp_path / "grid.png"),
-                                      "--prior-twin-guidance", "0.5"])
+                                      "--prior-twin-guidance", "0.5", "--fresh", "5"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)
     assert report["settings"] == {"prior_twin_guidance": 0.5}
     assert set(report["shapes"]) >= {"overall", "single", "placed", "relation", "count", "held_out"}
     assert 0 <= report["images"]["r_precision"]["top1"] <= 1 and report["images"]["fd_generated"] >= 0
-    assert "## tiny" in report_md.read_text() and (tmp_path / "grid.png").is_file()
+    fresh = report["shapes_fresh"]  # 5 captions drawn afresh: kinds in turn, every second with a held-out pair
+    assert fresh["n"]["overall"] == 5 and fresh["n"]["held_out"] >= 3 and 0 <= fresh["unlisted"] <= 5
+    assert 0 <= fresh["overall"] <= 1
+    text = report_md.read_text()
+    assert "## tiny" in text and "drawn afresh" in text and (tmp_path / "grid.png").is_file()
+    plain = tmp_path / "plain"  # not shapes data: no split.json beside it
+    plain.mkdir()
+    for item in sorted((run / "data" / "test").glob("0000[0-3].*")):
+        (plain / item.name).write_bytes(item.read_bytes())
+    refused = runner.invoke(cli.main, ["eval", "model", "--model", str(export), "--data", str(plain), "--train-data",
+                                       str(plain), "--n", "2", "--fresh", "2"])
+    assert refused.exit_code != 0 and "shapes grammar" in refused.output
 
 
 def test_decoder_ablation_trains_and_scores_each_arm(tiny_run, capsys):

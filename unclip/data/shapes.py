@@ -329,6 +329,14 @@ def _split_scenes(seed: int, index: int, n: int, allowed, held_out) -> list[tupl
     return scenes
 
 
+def fresh_captions(n: int, seed: int, held_out: Sequence[tuple[str, str]] = DEFAULT_HELD_OUT) -> list[str]:
+    """n captions drawn from the grammar the way the test split draws them (the kinds in turn, every second one naming
+    a `held_out` pair), from a random stream of their own (neither split's): prompts that need be in no list."""
+    held_out = _check_pairs(held_out, "held_out")
+    allowed = [p for p in ALL_PAIRS if p not in held_out]
+    return [scene.caption for scene, _ in _split_scenes(seed, 2, n, allowed, held_out)]
+
+
 def _counts(scenes: list[tuple[Scene, bool]]) -> dict:
     counts = {"total": len(scenes), **{k: sum(s.kind == k for s, _ in scenes) for k in KINDS}}
     counts["held_out"] = sum(h for _, h in scenes)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from ..config import read_json
 from ..data.datasets import ImageTextFolder
 from ..data.encode import encode_images
 from ..images import make_grid, save_png
@@ -50,11 +51,18 @@ def image_metrics(pipe, generated: list, captions: list[str], real: torch.Tensor
 
 def evaluate_model(model: str | os.PathLike, test: str | os.PathLike, train: str | os.PathLike,
                    n: int = 200, seed: int = 0, grid: str | os.PathLike | None = None, shapes: bool | None = None,
-                   progress: bool = False, **settings) -> dict:
-    """The full report for one model: prior, image metrics, shapes oracle (when the data are shapes)."""
+                   progress: bool = False, fresh: int = 0, **settings) -> dict:
+    """The full report for one model: prior, image metrics, shapes oracle (when the data are shapes). `fresh` > 0
+    also scores the oracle on that many captions drawn afresh from the shapes grammar (`fresh_captions`), in
+    report["shapes_fresh"] with the number of them that neither split lists."""
     from ..pipeline import UnCLIPPipeline
     from .prior import evaluate_prior
 
+    split = Path(test).parent / "split.json"
+    shapes = shapes if shapes is not None else split.is_file()
+    if fresh and not shapes:
+        raise ValueError("fresh captions are drawn from the shapes grammar: give shapes data (a test folder with "
+                         "split.json beside it)")
     pipe = UnCLIPPipeline.from_pretrained(model)
     pipe.set_progress_bar_config(disable=not progress)
     test_set = ImageTextFolder(test, pipe.image_size)
@@ -62,15 +70,24 @@ def evaluate_model(model: str | os.PathLike, test: str | os.PathLike, train: str
     captions = [test_set.captions[i] for i in rows]
     generated = generate_for_captions(pipe, captions, seed=seed, **settings)
     real = pipe.clip.encode_image(torch.stack([test_set[i]["image"] for i in rows])).cpu()
+    train_set = ImageTextFolder(train, pipe.clip.image_size)
     used = pipe.settings(**settings)  # the defaults, the model's own sampling defaults, then `settings`
     report = {"model": str(model), "settings": settings, "model_sampling": pipe.sampling, "seed": seed,
               "prior": evaluate_prior((pipe.clip, pipe.prior), torch.utils.data.Subset(test_set, rows),
                                       guidance_scale=used.prior_guidance, num_steps=used.prior_steps,
                                       progress=False),
-              "images": image_metrics(pipe, generated, captions, real, ImageTextFolder(train, pipe.clip.image_size))}
-    if shapes if shapes is not None else (Path(test).parent / "split.json").is_file():
+              "images": image_metrics(pipe, generated, captions, real, train_set)}
+    if shapes:
+        from ..data.shapes import DEFAULT_HELD_OUT, fresh_captions
         from .shapes import evaluate
-        report["shapes"] = evaluate(generated, captions)
+        held_out = [tuple(p) for p in read_json(split)["held_out"]] if split.is_file() else DEFAULT_HELD_OUT
+        report["shapes"] = evaluate(generated, captions, held_out)
+        if fresh:
+            drawn = fresh_captions(fresh, seed, held_out)
+            images = generate_for_captions(pipe, drawn, seed=seed + n, **settings)  # noise no test caption had
+            listed = set(test_set.captions) | set(train_set.captions)
+            report["shapes_fresh"] = {**evaluate(images, drawn, held_out),
+                                      "unlisted": sum(c not in listed for c in drawn)}
     if grid:
         save_png(make_grid(generated[:32], cols=8).quantize(256), grid)  # a 256-colour palette: half the bytes
         report["grid"] = str(grid)
@@ -94,14 +111,20 @@ def markdown(name: str, report: dict) -> str:
              f"| FD in CLIP space, generated vs held-out real | {im['fd_generated']:.4f} |",
              f"| FD, nearest training image baseline | {im['fd_nearest_training_image']:.4f} |"]
     if "shapes" in report:
-        s = report["shapes"]
-        lines += ["", "| shapes oracle | accuracy | prompts |", "|---|---|---|"]
-        for kind in ("overall", "single", "placed", "relation", "count", "held_out"):
-            value = "n/a" if s[kind] is None else f"{s[kind]:.3f}"
-            lines.append(f"| {kind} | {value} | {s['n'][kind]} |")
+        lines += _oracle_table("shapes oracle", report["shapes"])
+    if "shapes_fresh" in report:
+        s = report["shapes_fresh"]
+        lines += _oracle_table(f"shapes oracle, captions drawn afresh from the grammar ({s['unlisted']} of "
+                               f"{s['n']['overall']} in neither split)", s)
     if report.get("grid"):
         lines += ["", f"![{name} samples]({Path(report['grid']).name})"]
     return "\n".join(lines) + "\n"
+
+
+def _oracle_table(title: str, scores: dict) -> list[str]:
+    rows = [f"| {kind} | {_fmt(scores[kind])} | {scores['n'][kind]} |"
+            for kind in ("overall", "single", "placed", "relation", "count", "held_out")]
+    return ["", f"| {title} | accuracy | prompts |", "|---|---|---|", *rows]
 
 
 def _fmt(value) -> str:
