@@ -113,7 +113,6 @@ def test_build_shapes_round_trip_and_split(tmp_path):
         build_shapes(tmp_path / "s", 4, seed=0, progress=False)
 
 
-
 def test_fresh_captions_are_drawn_like_the_test_split_from_their_own_stream(tmp_path):
     build_shapes(tmp_path / "s", 40, seed=3, test_fraction=0.5, progress=False)
     test = ImageTextFolder(tmp_path / "s" / "test").captions
@@ -127,6 +126,7 @@ def test_fresh_captions_are_drawn_like_the_test_split_from_their_own_stream(tmp_
     assert all(parse_caption(c).pairs & {("red", "square")} for c in own[::2])
     with pytest.raises(ValueError, match="colour"):
         fresh_captions(4, 0, [("pink", "circle")])
+
 
 # ---------------------------------------------------------------- folder dataset
 
