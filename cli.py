@@ -623,6 +623,9 @@ def sampling_options(fn):
                      help="Prior CFG scale."),
         click.option("--guidance-decoder", type=float, default=SAMPLING_DEFAULTS["decoder_guidance"],
                      show_default=True, help="Decoder CFG scale (image embedding and text)."),
+        click.option("--guidance-text", type=float, default=None,
+                     help="The decoder's text guidance, on top of its image-embedding guidance [default: the "
+                          "model's own (shapes: see its model_index.json), else --guidance-decoder's]."),
         click.option("--guidance-interval-decoder", type=click.FloatRange(0, 1), nargs=2, show_default=True,
                      default=SAMPLING_DEFAULTS["decoder_guidance_interval"], metavar="LOW HIGH",
                      help="Guide the decoder only at noise levels t/T in [LOW, HIGH]; other steps take one "
@@ -641,6 +644,10 @@ def sampling_options(fn):
         click.option("--no-rerank-twins", is_flag=True,
                      help="Rank --image-candidates by the prompt alone, not also against its twins (the model's "
                           "rerank_twins: the prompt with a colour, shape or relation exchanged; shapes has them)."),
+        click.option("--no-rerank-paraphrase", is_flag=True,
+                     help="Rank --image-candidates by the prompt as given, not also by the same scene told from its "
+                          "other side (the model's rerank_paraphrase: \"B to the right of A\" for \"A to the left of "
+                          "B\"; shapes has it)."),
         click.option("--verify-weight", type=click.FloatRange(min=0), default=0.0,
                      help="Weight of the model's verifier (verifier/) in ranking --image-candidates; 0 turns it off "
                           "[default: the model's own (shapes: see its model_index.json), else 0]."),
@@ -692,18 +699,23 @@ def pop_settings(kw: dict) -> dict:
         settings[f"{stage}_steps"] = kw.pop(f"steps_{stage}")
         options[f"{stage}_steps"] = (f"steps_{stage}",)
     settings.update(prior_guidance=kw.pop("guidance_prior"), decoder_guidance=kw.pop("guidance_decoder"),
+                    text_guidance=kw.pop("guidance_text"),
                     decoder_guidance_interval=kw.pop("guidance_interval_decoder"),
                     dynamic_threshold=kw.pop("dynamic_threshold"), image_candidates=kw.pop("image_candidates"),
                     rerank=kw.pop("rerank"), share_prior=kw.pop("share_prior"), verify_weight=kw.pop("verify_weight"),
                     prior_twin_guidance=kw.pop("prior_twin_guidance"))
     if kw.pop("no_rerank_twins"):
         settings["rerank_twins"] = {}
+    if kw.pop("no_rerank_paraphrase"):
+        settings["rerank_paraphrase"] = {}
     options.update(prior_guidance=("guidance_prior",), decoder_guidance=("guidance_decoder",),
-                   decoder_guidance_interval=("guidance_interval_decoder",), rerank_twins=("no_rerank_twins",))
-    for name in ("prior_guidance", "decoder_guidance"):
-        if not math.isfinite(settings[name]):
+                   text_guidance=("guidance_text",),
+                   decoder_guidance_interval=("guidance_interval_decoder",), rerank_twins=("no_rerank_twins",),
+                   rerank_paraphrase=("no_rerank_paraphrase",))
+    for name, (option,) in [(n, options[n]) for n in ("prior_guidance", "decoder_guidance", "text_guidance")]:
+        if settings[name] is not None and not math.isfinite(settings[name]):
             raise click.BadParameter(f"must be a finite number, got {settings[name]}",
-                                     param_hint=f"--{name.replace('_', '-').replace('prior-g', 'g')}")
+                                     param_hint=f"--{option.replace('_', '-')}")
     return {name: value for name, value in settings.items() if given(*options.get(name, (name,)))}
 
 
@@ -951,12 +963,14 @@ def info(model):
               help="Weight of the model's verifier in the ranking (as in `unclip generate`).")
 @click.option("--prior-twin-guidance", type=click.FloatRange(min=0), default=None,
               help="Guide each prior sample away from one of the prompt's twins (as in `unclip generate`).")
+@click.option("--no-rerank-paraphrase", is_flag=True,
+              help="Rank by the prompt as given, not also by its paraphrase (as in `unclip generate`).")
 @click.option("--fresh", type=click.IntRange(min=0), default=0, show_default=True,
               help="Also score the shapes oracle on this many captions drawn afresh from the grammar, as the test "
                    "split draws them but from their own random stream (shapes data only).")
 @friendly_errors
 def eval_model(model, test, train_data, n, seed, json_out, markdown, name, grid, image_candidates, rerank,
-               share_prior, no_rerank_twins, verify_weight, prior_twin_guidance, fresh):
+               share_prior, no_rerank_twins, verify_weight, prior_twin_guidance, no_rerank_paraphrase, fresh):
     """Quality report: prior cosines, CLIP R-precision, FD in CLIP space, shapes oracle.
 
     \b
@@ -970,7 +984,7 @@ def eval_model(model, test, train_data, n, seed, json_out, markdown, name, grid,
 
     given = {"image_candidates": image_candidates, "rerank": rerank, "share_prior": share_prior or None,
              "rerank_twins": {} if no_rerank_twins else None, "verify_weight": verify_weight,
-             "prior_twin_guidance": prior_twin_guidance}
+             "prior_twin_guidance": prior_twin_guidance, "rerank_paraphrase": {} if no_rerank_paraphrase else None}
     settings = {key: value for key, value in given.items() if value is not None}
     report = evaluate_model(model, test, train_data, n=n, seed=seed, grid=grid, fresh=fresh, **settings)
     if json_out:

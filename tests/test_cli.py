@@ -64,19 +64,24 @@ def test_options_left_at_their_default_give_way_to_the_models_own(tiny_model_dir
     (model / "model_index.json").write_text(json.dumps({**index, "sampling": {"decoder_steps": 3,
                                                                                 "image_candidates": 2,
                                                                                 "rerank_twins": twins,
-                                                                                "prior_twin_guidance": 1.5}}))
+                                                                                "prior_twin_guidance": 1.5,
+                                                                                "text_guidance": 4.0,
+                                                                                "rerank_paraphrase": {"above": "below"}}}))
     fast = ["--steps-prior", "2", "--steps-upsampler", "2", "--quiet"]
     result = run("generate", "a red circle", "--model", model, "-o", tmp_path / "a.png", *fast)
     assert result.exit_code == 0, result.output
     settings = json.loads(Image.open(tmp_path / "a.png").text["unclip"])["settings"]
     assert settings["decoder_steps"] == 3 and settings["image_candidates"] == 2 and settings["prior_steps"] == 2
     assert settings["rerank_twins"] == twins and settings["prior_twin_guidance"] == 1.5
+    assert settings["text_guidance"] == 4.0 and settings["rerank_paraphrase"] == {"above": "below"}
     result = run("generate", "--from-png", tmp_path / "a.png", "-o", tmp_path / "a2.png", "--quiet")
     assert result.exit_code == 0, result.output
     assert np.array_equal(np.asarray(Image.open(tmp_path / "a.png")), np.asarray(Image.open(tmp_path / "a2.png")))
-    result = run("generate", "a red circle", "--model", model, "-o", tmp_path / "c.png", "--no-rerank-twins", *fast)
+    result = run("generate", "a red circle", "--model", model, "-o", tmp_path / "c.png", "--no-rerank-twins",
+                 "--no-rerank-paraphrase", "--guidance-text", 2, *fast)
     assert result.exit_code == 0, result.output
-    assert json.loads(Image.open(tmp_path / "c.png").text["unclip"])["settings"]["rerank_twins"] == {}
+    settings = json.loads(Image.open(tmp_path / "c.png").text["unclip"])["settings"]
+    assert settings["rerank_twins"] == {} and settings["rerank_paraphrase"] == {} and settings["text_guidance"] == 2
     result = run("generate", "a red circle", "--model", model, "-o", tmp_path / "d.png", "--prior-twin-guidance", 0,
                  *fast)
     assert result.exit_code == 0, result.output

@@ -12,6 +12,7 @@ from PIL import Image
 import cli
 from conftest import SHAPES_WORDS, tiny_clip_config
 from unclip.clip import CLIP_PRESETS, ClipEncoder, WordTokenizer
+from unclip.captions import paraphrase
 from unclip.clip_training import (_Tokenised, caption_twins, clip_loss_fn, exchange_words, reorder_caption, swap_words,
                                    train_clip)
 from unclip.data.shapes import build_shapes
@@ -179,6 +180,18 @@ def test_hard_negatives_teach_the_side_that_colour_alone_hides():
     without, with_twins = _margins(_side_pairs(), twin_of, 1e-2), _margins(_side_pairs(), twin_of, 1e-2,
                                                                             negative_swaps=swaps)
     assert min(with_twins) > 0.3 and max(abs(m) for m in without) < 0.1  # measured: >= 0.54 and <= 0.001
+
+
+def test_paraphrase_tells_a_relation_from_its_other_side():
+    reverses = {"to the left of": "to the right of", "to the right of": "to the left of", "above": "below",
+                "below": "above"}
+    assert paraphrase("a red circle to the left of a blue square", reverses) == \
+        "a blue square to the right of a red circle"
+    assert paraphrase("an orange triangle below a red circle", reverses) == "a red circle above an orange triangle"
+    told = paraphrase("a red circle to the left of a blue square", reverses)
+    assert paraphrase(told, reverses) == "a red circle to the left of a blue square"  # back again
+    assert paraphrase("two red circles", reverses) == "two red circles"  # no relation: unchanged
+    assert paraphrase("above a red circle", reverses) == "above a red circle"  # one side missing: unchanged
 
 
 def test_reorder_caption_exchanges_the_sides_of_a_relation():

@@ -271,6 +271,28 @@ def test_best_of_k_asks_about_each_prompts_twins(pipe):
         pipe("a red circle", rerank_twins={"mirrors": []})
 
 
+def test_best_of_k_ranks_by_the_mean_of_the_prompt_and_its_paraphrase(pipe):
+    reverses = {"above": "below", "below": "above"}
+    prompts = ["a red circle above a blue square", "two blue squares"]
+    settings = pipe.settings(**FAST)
+    candidates = torch.rand(2, 3, 3, pipe.image_size, pipe.image_size, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    emb = F.normalize(torch.randn(2, 3, pipe.clip.embed_dim, generator=torch.Generator().manual_seed(1)), dim=-1)
+    with torch.inference_mode():
+        plain = pipe._rank(candidates, emb, pipe.encode_text(prompts), prompts, settings)
+        told = pipe._rank(candidates[:1], emb[:1], pipe.encode_text(["a blue square below a red circle"]),
+                          ["a blue square below a red circle"], settings)
+        both = pipe._rank(candidates, emb, pipe.encode_text(prompts), prompts,
+                          dataclasses.replace(settings, rerank_paraphrase=reverses))
+    torch.testing.assert_close(both[0], (plain[0] + told[0]) / 2)   # the relation: the mean of the two
+    torch.testing.assert_close(both[1], plain[1])                   # no relation: as before
+    assert not torch.allclose(both[0], plain[0])
+    out = pipe.generate(prompts[0], seed=0, image_candidates=3, rerank_paraphrase=reverses, **FAST)
+    assert out.info["settings"]["rerank_paraphrase"] == reverses
+    for bad in (["above", "below"], {"above": ""}, {"above": 1}):
+        with pytest.raises(ValueError, match="rerank paraphrase"):
+            pipe.settings(rerank_paraphrase=bad)
+
+
 def test_prior_twin_guidance_guides_each_sample_away_from_one_twin(pipe):
     rules = {"swaps": [["left", "right"]], "exchanges": [["red", "blue"], ["circle", "square"]]}
     prompts = ["a red circle above a blue square", "two blue squares"]

@@ -150,6 +150,26 @@ def test_rerank_study_reads_every_judge_against_the_ceiling(tiny_run, tmp_path):
         assert sum(part["random"][1] for part in parts if part) == table["relation"]["random"][1]
 
 
+def test_candidate_study_reads_the_pick_against_the_candidates(tiny_run, tmp_path):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    from candidate_study import main as study
+
+    path, run = tiny_run
+    common = ["--model", str(run / "export"), "--split", str(run / "data" / "split.json"), "--relations", "4",
+              "--counts", "2", "--seed", "3"]
+    plain = study([*common, "--settings", '{"rerank_paraphrase": {}}', "--json", str(tmp_path / "a.json")])
+    told = study([*common, "--settings", '{"rerank_paraphrase": {"above": "below", "below": "above"}}'])
+    groups = ("relation, held-out pair", "relation, seen pairs", "count")
+    assert sum(plain[g]["captions"] for g in groups) == 6 and plain["relation"]["captions"] == 4
+    for g in groups:
+        if plain[g]["captions"]:
+            assert 0 <= plain[g]["per sample"] <= plain[g]["ceiling"] <= 1 and plain[g]["pick"] <= plain[g]["ceiling"]
+            # ranking settings leave the candidates alone: the same draws, the same verdicts
+            assert (told[g]["per sample"], told[g]["ceiling"]) == (plain[g]["per sample"], plain[g]["ceiling"])
+    rows = json.loads((tmp_path / "a.json").read_text())["rows"]
+    assert len(rows) == 6 and all(len(r["ok"]) == 2 and 0 <= r["pick"] < 2 for r in rows)
+
+
 def test_recipe_validation(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"name": "x", "decoderr": {}}))

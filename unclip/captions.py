@@ -19,10 +19,17 @@ def swap_words(caption: str, swaps: Sequence[Sequence[str]]) -> str:
 def reorder_caption(caption: str, phrases: Sequence[str]) -> str:
     """The caption with the two sides of the first relation phrase found exchanged ("A to the left of B" ->
     "B to the left of A"); unchanged when it holds none of the phrases (matched as whole words)."""
-    for phrase in phrases:
+    return paraphrase(caption, {phrase: phrase for phrase in phrases})
+
+
+def paraphrase(caption: str, reverses: dict[str, str]) -> str:
+    """The caption told from the other side, the same scene: the two sides of the first relation phrase found
+    exchanged and the phrase replaced by its reverse ("A to the left of B" -> "B to the right of A" with
+    {"to the left of": "to the right of"}); unchanged when it holds none of the phrases (matched as whole words)."""
+    for phrase, reverse in reverses.items():
         before, sep, after = f" {caption} ".partition(f" {phrase} ")
         if sep and before.strip() and after.strip():
-            return f"{after.strip()} {phrase} {before.strip()}"
+            return f"{after.strip()} {reverse} {before.strip()}"
     return caption
 
 
