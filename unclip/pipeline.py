@@ -91,8 +91,8 @@ class SamplingSettings:
     verify_weight: float = 0.0
     # {relation phrase: its reverse} (unclip.captions.paraphrase): a prompt that holds one is also told from its other
     # side ("A to the left of B" -> "B to the right of A", the same scene), and best-of-k ranks by the mean of each
-    # candidate's scores for the two. The shapes model's: relations about +0.015 over 1,009 fresh and test relation
-    # captions, within noise (docs/MODELS.md, "Text guidance and the paraphrase"). None or {}: the prompt alone
+    # candidate's scores for the two. The shapes model's: relations +0.019 over 800 fresh relation captions, level
+    # over the test split's four seeds; within noise (docs/MODELS.md, "Text guidance and the paraphrase"). None or {}: the prompt alone
     rerank_paraphrase: dict | None = None
 
     def __post_init__(self):
