@@ -66,7 +66,8 @@ def test_options_left_at_their_default_give_way_to_the_models_own(tiny_model_dir
                                                                                 "rerank_twins": twins,
                                                                                 "prior_twin_guidance": 1.5,
                                                                                 "text_guidance": 4.0,
-                                                                                "rerank_paraphrase": {"above": "below"}}}))
+                                                                                "rerank_paraphrase": {"above":
+                                                                                                      "below"}}}))
     fast = ["--steps-prior", "2", "--steps-upsampler", "2", "--quiet"]
     result = run("generate", "a red circle", "--model", model, "-o", tmp_path / "a.png", *fast)
     assert result.exit_code == 0, result.output

@@ -275,7 +275,8 @@ def test_best_of_k_ranks_by_the_mean_of_the_prompt_and_its_paraphrase(pipe):
     reverses = {"above": "below", "below": "above"}
     prompts = ["a red circle above a blue square", "two blue squares"]
     settings = pipe.settings(**FAST)
-    candidates = torch.rand(2, 3, 3, pipe.image_size, pipe.image_size, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    size = pipe.image_size
+    candidates = torch.rand(2, 3, 3, size, size, generator=torch.Generator().manual_seed(0)) * 2 - 1
     emb = F.normalize(torch.randn(2, 3, pipe.clip.embed_dim, generator=torch.Generator().manual_seed(1)), dim=-1)
     with torch.inference_mode():
         plain = pipe._rank(candidates, emb, pipe.encode_text(prompts), prompts, settings)

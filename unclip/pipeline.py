@@ -92,7 +92,8 @@ class SamplingSettings:
     # {relation phrase: its reverse} (unclip.captions.paraphrase): a prompt that holds one is also told from its other
     # side ("A to the left of B" -> "B to the right of A", the same scene), and best-of-k ranks by the mean of each
     # candidate's scores for the two. The shapes model's: relations +0.019 over 800 fresh relation captions, level
-    # over the test split's four seeds; within noise (docs/MODELS.md, "Text guidance and the paraphrase"). None or {}: the prompt alone
+    # over the test split's four seeds; within noise (docs/MODELS.md, "Text guidance and the paraphrase").
+    # None or {}: the prompt alone
     rerank_paraphrase: dict | None = None
 
     def __post_init__(self):
